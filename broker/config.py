@@ -1,0 +1,264 @@
+"""The one configuration object: defaults, then a TOML file, then ``CALM_*`` variables, then flags.
+
+Each concern has its own frozen dataclass; :class:`Settings` composes them. Only
+:func:`load_settings` reads the environment; everything else receives a ``Settings``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from broker.errors import ConfigError
+
+DEFAULT_REDIS_URL = "redis://127.0.0.1:6379/0"
+
+
+@dataclass(frozen=True, slots=True)
+class RedisSettings:
+    url: str | None = None  # None: try DEFAULT_REDIS_URL, then an embedded Valkey
+    prefix: str = "calm:"
+    embedded: bool = True  # allow starting an embedded Valkey when nothing answers
+    connect_timeout_s: float = 2.0
+    retry_attempts: int = 8
+    retry_backoff_cap_s: float = 2.0
+
+    def __post_init__(self) -> None:
+        if not self.prefix or any(c.isspace() for c in self.prefix):
+            raise ConfigError(f"redis.prefix must be non-empty without spaces, got {self.prefix!r}")
+
+
+@dataclass(frozen=True, slots=True)
+class StreamSettings:
+    block_ms: int = 1000
+    batch: int = 64
+    maxlen: int = 100_000  # approximate MAXLEN for internal streams
+    replies_maxlen: int = 100_000
+    dead_maxlen: int = 10_000
+    decisions_maxlen: int = 10_000
+    reclaim_idle_ms: int = 15_000
+    reclaim_interval_ms: int = 2_000
+    max_deliveries: int = 5
+    concurrency: int = 64  # handlers in flight per consumer
+
+    def __post_init__(self) -> None:
+        for name in ("block_ms", "batch", "maxlen", "reclaim_idle_ms", "max_deliveries", "concurrency"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"streams.{name} must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
+class IngressSettings:
+    max_prompt_bytes: int = 32 * 1024
+    default_max_new_tokens: int = 64
+    max_new_tokens_limit: int = 1024
+    dedup_window_s: int = 3600
+    embed_batch: int = 32
+
+
+@dataclass(frozen=True, slots=True)
+class PlannerSettings:
+    strategy: str = "utility"
+    w_fit: float = 1.0
+    w_quality: float = 0.3
+    w_latency: float = 0.25
+    w_energy: float = 0.1
+    w_errors: float = 1.0
+    cold_load_penalty: float = 0.05
+    latency_scale_ms: float = 1000.0  # latency normalisation: utility loses w_latency per scale
+    energy_scale_j: float = 1.0
+
+
+@dataclass(frozen=True, slots=True)
+class ExecutorSettings:
+    attempt_timeout_s: float = 60.0
+    max_attempts: int = 3
+    sweep_interval_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulerSettings:
+    policy: str = "lru"
+    interval_ms: int = 1000
+    worker_timeout_s: float = 10.0  # missed heartbeats for this long: worker removed
+
+
+@dataclass(frozen=True, slots=True)
+class QoSSettings:
+    ewma_alpha: float = 0.2
+    window: int = 100
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerSettings:
+    worker_id: str | None = None
+    models: tuple[str, ...] = ()  # empty: every model of the fleet may be loaded
+    preload: tuple[str, ...] = ()
+    memory_mb: int = 2048
+    device: str = "cpu"  # cpu | cuda | auto
+    intra_op_threads: int = 1
+    watts_per_core: float = 15.0
+    gpu_index: int = 0
+    heartbeat_s: float = 1.0
+    inject_delay_ms: float = 0.0  # test/chaos hook: added to every generation
+
+
+@dataclass(frozen=True, slots=True)
+class PathSettings:
+    fleet: str | None = None  # None: the demo (or tiny) fleet from the cache
+    cache_dir: str = field(default_factory=lambda: str(Path.home() / ".cache" / "calm"))
+    reports: str = "reports"
+
+
+@dataclass(frozen=True, slots=True)
+class LogSettings:
+    level: str = "INFO"
+    json: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Settings:
+    redis: RedisSettings = field(default_factory=RedisSettings)
+    streams: StreamSettings = field(default_factory=StreamSettings)
+    ingress: IngressSettings = field(default_factory=IngressSettings)
+    planner: PlannerSettings = field(default_factory=PlannerSettings)
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
+    qos: QoSSettings = field(default_factory=QoSSettings)
+    worker: WorkerSettings = field(default_factory=WorkerSettings)
+    paths: PathSettings = field(default_factory=PathSettings)
+    log: LogSettings = field(default_factory=LogSettings)
+
+    def replace(self, overrides: Mapping[str, Any]) -> Settings:
+        """Return a copy with dotted-key overrides (``{"redis.url": "..."}``) applied."""
+        return _apply(self, _nest(overrides), source="override")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+# Short environment names the contract promises, besides the generic CALM_<SECTION>_<FIELD>.
+ENV_ALIASES: dict[str, str] = {
+    "CALM_REDIS_URL": "redis.url",
+    "CALM_PREFIX": "redis.prefix",
+    "CALM_FLEET": "paths.fleet",
+    "CALM_CACHE_DIR": "paths.cache_dir",
+    "CALM_LOG_LEVEL": "log.level",
+}
+
+
+def load_settings(
+    config_file: str | Path | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build settings from defaults, a TOML file (or ``CALM_CONFIG``), ``CALM_*`` variables and flags."""
+    environ = os.environ if env is None else env
+    settings = Settings()
+    path = config_file or environ.get("CALM_CONFIG")
+    if path:
+        try:
+            with open(path, "rb") as fh:
+                data = tomllib.load(fh)
+        except FileNotFoundError as e:
+            raise ConfigError(f"config file not found: {path}") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"config file {path} is not valid TOML: {e}") from e
+        settings = _apply(settings, data, source=str(path))
+    settings = _apply(settings, _nest(_env_overrides(environ)), source="environment")
+    if overrides:
+        settings = _apply(settings, _nest({k: v for k, v in overrides.items() if v is not None}), "flags")
+    return settings
+
+
+def _env_overrides(environ: Mapping[str, str]) -> dict[str, str]:
+    found: dict[str, str] = {}
+    for section in dataclasses.fields(Settings):
+        section_type = _resolve(Settings, section.name)
+        for f in dataclasses.fields(section_type):
+            var = f"CALM_{section.name}_{f.name}".upper()
+            if var in environ:
+                found[f"{section.name}.{f.name}"] = environ[var]
+    for var, key in ENV_ALIASES.items():
+        if var in environ and environ[var] != "":
+            found[key] = environ[var]
+    return found
+
+
+def _nest(flat: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    nested: dict[str, dict[str, Any]] = {}
+    for key, value in flat.items():
+        section, _, name = key.partition(".")
+        if not name:
+            raise ConfigError(f"setting {key!r} must look like section.field")
+        nested.setdefault(section, {})[name] = value
+    return nested
+
+
+def _apply(settings: Settings, data: Mapping[str, Any], source: str) -> Settings:
+    sections: dict[str, Any] = {}
+    for section_name, values in data.items():
+        if section_name not in Settings.__dataclass_fields__:
+            raise ConfigError(f"{source}: unknown config section {section_name!r}")
+        if not isinstance(values, Mapping):
+            raise ConfigError(f"{source}: section {section_name!r} must be a table")
+        current = getattr(settings, section_name)
+        section_type = type(current)
+        changes: dict[str, Any] = {}
+        for name, raw in values.items():
+            if name not in section_type.__dataclass_fields__:
+                raise ConfigError(f"{source}: unknown setting {section_name}.{name}")
+            changes[name] = _coerce(raw, _resolve(section_type, name), f"{section_name}.{name}", source)
+        try:
+            sections[section_name] = dataclasses.replace(current, **changes)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{source}: {e}") from e
+    return dataclasses.replace(settings, **sections)
+
+
+def _resolve(cls: type, name: str) -> Any:
+    return typing.get_type_hints(cls)[name]
+
+
+def _coerce(raw: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None or (isinstance(raw, str) and raw.lower() in ("", "none", "null")):
+            if type(None) in args:
+                return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(raw, inner[0], key, source)
+    try:
+        if tp is bool:
+            if isinstance(raw, bool):
+                return raw
+            text = str(raw).strip().lower()
+            if text in ("1", "true", "yes", "on"):
+                return True
+            if text in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"not a boolean: {raw!r}")
+        if tp is int:
+            if isinstance(raw, bool):
+                raise ValueError("boolean given")
+            if isinstance(raw, float) and not raw.is_integer():
+                raise ValueError("not an integer")  # int() would silently truncate 1.5 to 1
+            return int(raw)
+        if tp is float:
+            return float(raw)
+        if tp is str:
+            return str(raw)
+        if origin is tuple:
+            items = raw.split(",") if isinstance(raw, str) else list(raw)
+            return tuple(str(i).strip() for i in items if str(i).strip())
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{source}: {key} = {raw!r}: {e}") from e
+    raise ConfigError(f"{source}: {key} has an unsupported type {tp!r}")

@@ -1,0 +1,85 @@
+"""Connecting to Redis: the configured URL, else the default one, else an embedded Valkey."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import redis
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from broker.config import DEFAULT_REDIS_URL, RedisSettings
+from broker.embedded import EmbeddedValkey
+from broker.errors import ConnectionFailed
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ResolvedRedis:
+    """Where the server is, and the embedded server we started (to stop on exit), if any."""
+
+    url: str
+    embedded: EmbeddedValkey | None = None
+
+    def close(self) -> None:
+        if self.embedded is not None:
+            self.embedded.stop()
+            self.embedded = None
+
+
+def answers(url: str, timeout_s: float = 1.0) -> bool:
+    """True when a server at ``url`` replies to PING."""
+    try:
+        client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        try:
+            return bool(client.ping())
+        finally:
+            client.close()
+    except (redis.exceptions.RedisError, OSError, ValueError):
+        return False
+
+
+def resolve(settings: RedisSettings) -> ResolvedRedis:
+    """Pick the server: ``settings.url`` if given (it must answer), else the default URL, else embedded."""
+    if settings.url:
+        if not answers(settings.url, settings.connect_timeout_s):
+            raise ConnectionFailed(f"no Redis server answers at {_redact(settings.url)}")
+        return ResolvedRedis(settings.url)
+    if answers(DEFAULT_REDIS_URL, settings.connect_timeout_s):
+        return ResolvedRedis(DEFAULT_REDIS_URL)
+    if not settings.embedded:
+        raise ConnectionFailed(f"no Redis server answers at {DEFAULT_REDIS_URL} and embedded servers are disabled")
+    server = EmbeddedValkey().start()
+    return ResolvedRedis(server.url, server)
+
+
+def client(url: str, settings: RedisSettings, *, blocking: bool = False) -> aioredis.Redis:
+    """An asyncio client with retry/backoff on connection errors. ``blocking`` clients have no read timeout."""
+    retry = Retry(ExponentialWithJitterBackoff(cap=settings.retry_backoff_cap_s, base=0.05), settings.retry_attempts)
+    return aioredis.Redis.from_url(
+        url,
+        socket_connect_timeout=settings.connect_timeout_s,
+        socket_timeout=None if blocking else 10.0,
+        socket_keepalive=True,
+        health_check_interval=30,
+        retry=retry,
+        retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
+        decode_responses=False,
+    )
+
+
+def sync_client(url: str, settings: RedisSettings) -> redis.Redis:
+    """A blocking client for CLI commands and tests."""
+    return redis.Redis.from_url(url, socket_connect_timeout=settings.connect_timeout_s, socket_timeout=10.0)
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

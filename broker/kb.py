@@ -1,0 +1,345 @@
+"""The knowledge base: Redis hashes with typed accessors (model cards + live QoS, workers, actors)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+from redis.commands.core import AsyncScript
+
+from broker.names import Names
+
+CARD_FIELDS = ("description", "examples", "domains", "prompt_template", "params", "memory_mb", "source",
+               "baseline", "quality", "eos_token")
+QOS_FIELDS = ("latency_ms", "queue_ms", "ms_per_token", "tokens_per_s", "energy_per_token_j", "energy_j",
+              "confidence", "error_rate")
+
+# EWMA update of several hash fields at once: KEYS[1] hash; ARGV[1] alpha, then field/value pairs.
+_EWMA_LUA = """
+local alpha = tonumber(ARGV[1])
+for i = 2, #ARGV, 2 do
+  local f = ARGV[i]
+  local x = tonumber(ARGV[i + 1])
+  local old = tonumber(redis.call('HGET', KEYS[1], f))
+  local new = x
+  if old then new = old + alpha * (x - old) end
+  redis.call('HSET', KEYS[1], f, tostring(new))
+end
+return 1
+"""
+
+# Add/remove a worker from a model's loaded set and mirror it into the model hash: KEYS[1] set, KEYS[2] hash.
+_LOADED_LUA = """
+if ARGV[2] == '1' then redis.call('SADD', KEYS[1], ARGV[1]) else redis.call('SREM', KEYS[1], ARGV[1]) end
+local members = redis.call('SMEMBERS', KEYS[1])
+table.sort(members)
+redis.call('HSET', KEYS[2], 'loaded_on', table.concat(members, ','))
+return #members
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class ModelState:
+    """A model card plus what the system has learned about the model so far."""
+
+    name: str
+    description: str = ""
+    examples: tuple[str, ...] = ()
+    domains: tuple[str, ...] = ()
+    prompt_template: str = "{prompt}"
+    params: int = 0
+    memory_mb: float = 0.0
+    baseline: bool = False
+    source: str = ""
+    quality: dict[str, float] = field(default_factory=dict)
+    latency_ms: float | None = None
+    queue_ms: float | None = None
+    ms_per_token: float | None = None
+    tokens_per_s: float | None = None
+    energy_per_token_j: float | None = None
+    energy_j: float | None = None
+    confidence: float | None = None
+    error_rate: float = 0.0
+    requests: int = 0
+    errors: int = 0
+    load_s: float | None = None
+    loaded_on: tuple[str, ...] = ()
+    profile: bytes | None = None  # float32 embedding matrix (rows: description, examples), set by the monitor
+    profile_rows: int = 0
+
+    @property
+    def domain(self) -> str:
+        return self.domains[0] if self.domains else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerState:
+    """A worker as it registered itself, with its latest heartbeat."""
+
+    id: str
+    type: str = "onnx"
+    device: str = "cpu"
+    pid: int = 0
+    host: str = ""
+    memory_budget_mb: float = 0.0
+    memory_used_mb: float = 0.0
+    models_loaded: tuple[str, ...] = ()
+    models_servable: tuple[str, ...] = ()
+    heartbeat_ms: float = 0.0
+    state: str = "up"
+    inflight: int = 0
+    last_used: dict[str, float] = field(default_factory=dict)  # model -> wall ms of its last request
+
+    def alive(self, now_ms: float, timeout_s: float) -> bool:
+        return self.state != "stopped" and now_ms - self.heartbeat_ms <= timeout_s * 1000
+
+
+class KnowledgeBase:
+    """Typed reads and pipelined writes of CALM's shared knowledge."""
+
+    def __init__(self, client: aioredis.Redis, names: Names) -> None:
+        self.client = client
+        self.names = names
+        self._ewma = client.register_script(_EWMA_LUA)
+        self._loaded = client.register_script(_LOADED_LUA)
+
+    # -- models --------------------------------------------------------------------
+    def card_mapping(self, card: Mapping[str, Any]) -> dict[str, str]:
+        """Hash fields for a model card (lists and dicts as JSON)."""
+        out: dict[str, str] = {}
+        for key in CARD_FIELDS:
+            if key not in card or card[key] is None:
+                continue
+            value = card[key]
+            if isinstance(value, (list, tuple, dict)):
+                out[key] = json.dumps(list(value) if isinstance(value, tuple) else value)
+            elif isinstance(value, bool):
+                out[key] = "1" if value else "0"
+            else:
+                out[key] = str(value)
+        return out
+
+    def register_model(self, pipe: Pipeline, name: str, card: Mapping[str, Any]) -> None:
+        """Queue writes that add or refresh a model card (live QoS is kept)."""
+        fields: dict[Any, Any] = {"name": name, **self.card_mapping(card)}
+        pipe.hset(self.names.model(name), mapping=fields)
+        pipe.sadd(self.names.models, name)
+        pipe.incr(self.names.kb_version)
+
+    def set_profile(self, pipe: Pipeline, name: str, profile: bytes, rows: int) -> None:
+        pipe.hset(self.names.model(name), mapping={"profile": profile, "profile_rows": rows})
+        pipe.incr(self.names.kb_version)
+
+    def record_qos(self, pipe: Pipeline, name: str, alpha: float, values: Mapping[str, float], ok: bool,
+                   window: int) -> None:
+        """Queue an EWMA update of the model's QoS fields plus its windows of recent values."""
+        args: list[Any] = [alpha]
+        for key, value in values.items():
+            args += [key, float(value)]
+        _queue_script(pipe, self._ewma, [self.names.model(name)], args)
+        pipe.hincrby(self.names.model(name), "requests", 1)
+        if not ok:
+            pipe.hincrby(self.names.model(name), "errors", 1)
+        for key in ("latency_ms", "energy_j", "confidence"):
+            if key in values:
+                wkey = self.names.window(name, key)
+                pipe.lpush(wkey, f"{values[key]:.4f}")
+                pipe.ltrim(wkey, 0, window - 1)
+
+    def set_load_time(self, pipe: Pipeline, name: str, load_s: float, alpha: float) -> None:
+        _queue_script(pipe, self._ewma, [self.names.model(name)], [alpha, "load_s", load_s])
+
+    def set_loaded(self, pipe: Pipeline, model: str, worker: str, loaded: bool) -> None:
+        _queue_script(pipe, self._loaded, [f"{self.names.model(model)}:loaded", self.names.model(model)],
+                      [worker, "1" if loaded else "0"])
+        pipe.incr(self.names.kb_version)
+
+    async def model_names(self) -> list[str]:
+        return sorted(_s(n) for n in await self.client.smembers(self.names.models))
+
+    async def models(self) -> dict[str, ModelState]:
+        """Every registered model, in one pipelined round trip after the name lookup."""
+        names = await self.model_names()
+        if not names:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for name in names:
+            pipe.hgetall(self.names.model(name))
+        rows = await pipe.execute()
+        return {name: _model_state(name, row) for name, row in zip(names, rows, strict=True) if row}
+
+    async def version(self) -> int:
+        raw = await self.client.get(self.names.kb_version)
+        return int(raw or 0)
+
+    # -- workers -------------------------------------------------------------------
+    def register_worker(self, pipe: Pipeline, worker: WorkerState, ttl_s: float) -> None:
+        pipe.hset(self.names.worker(worker.id), mapping=dict[Any, Any](_worker_mapping(worker)))
+        pipe.sadd(self.names.workers, worker.id)
+        pipe.set(self.names.worker_alive(worker.id), "1", px=int(ttl_s * 1000))
+        pipe.incr(self.names.kb_version)
+
+    def heartbeat(self, pipe: Pipeline, worker_id: str, ttl_s: float, **fields: Any) -> None:
+        mapping: dict[Any, Any] = {"heartbeat_ms": f"{time.time() * 1000:.0f}"}
+        for key, value in fields.items():
+            if isinstance(value, (list, tuple)):
+                mapping[key] = json.dumps(list(value))
+            elif isinstance(value, dict):
+                mapping[key] = json.dumps(value)
+            else:
+                mapping[key] = str(value)
+        pipe.hset(self.names.worker(worker_id), mapping=mapping)
+        pipe.set(self.names.worker_alive(worker_id), "1", px=int(ttl_s * 1000))
+
+    def remove_worker(self, pipe: Pipeline, worker_id: str, models: Iterable[str]) -> None:
+        for model in models:
+            self.set_loaded(pipe, model, worker_id, False)
+        pipe.srem(self.names.workers, worker_id)
+        pipe.delete(self.names.worker(worker_id), self.names.worker_alive(worker_id))
+        pipe.incr(self.names.kb_version)
+
+    async def workers(self) -> dict[str, WorkerState]:
+        ids = sorted(_s(i) for i in await self.client.smembers(self.names.workers))
+        if not ids:
+            return {}
+        pipe = self.client.pipeline(transaction=False)
+        for worker_id in ids:
+            pipe.hgetall(self.names.worker(worker_id))
+        rows = await pipe.execute()
+        return {wid: _worker_state(wid, row) for wid, row in zip(ids, rows, strict=True) if row}
+
+    # -- actors --------------------------------------------------------------------
+    def actor_heartbeat(self, pipe: Pipeline, role: str, instance: str, pid: int, ttl_s: float,
+                        **extra: Any) -> None:
+        key = self.names.actor(role, instance)
+        pipe.hset(key, mapping={"role": role, "instance": instance, "pid": pid,
+                                "heartbeat_ms": f"{time.time() * 1000:.0f}", **{k: str(v) for k, v in extra.items()}})
+        pipe.pexpire(key, int(ttl_s * 1000))
+        pipe.sadd(self.names.actors, f"{role}:{instance}")
+
+    async def actors(self) -> list[dict[str, str]]:
+        members = sorted(_s(m) for m in await self.client.smembers(self.names.actors))
+        pipe = self.client.pipeline(transaction=False)
+        for member in members:
+            role, _, instance = member.partition(":")
+            pipe.hgetall(self.names.actor(role, instance))
+        rows = await pipe.execute()
+        out = []
+        stale = []
+        for member, row in zip(members, rows, strict=True):
+            if row:
+                out.append({_s(k): _s(v) for k, v in row.items()})
+            else:
+                stale.append(member)
+        if stale:
+            await self.client.srem(self.names.actors, *stale)
+        return out
+
+    # -- demand --------------------------------------------------------------------
+    def record_demand(self, pipe: Pipeline, model: str, now_s: float, bucket_s: int = 10, keep_s: int = 3600) -> None:
+        key = self.names.demand(model)
+        pipe.hincrby(key, str(int(now_s // bucket_s)), 1)
+        pipe.expire(key, keep_s)
+
+    async def demand(self, models: Iterable[str]) -> dict[str, dict[int, int]]:
+        models = list(models)
+        pipe = self.client.pipeline(transaction=False)
+        for model in models:
+            pipe.hgetall(self.names.demand(model))
+        rows = await pipe.execute()
+        return {m: {int(k): int(v) for k, v in row.items()} for m, row in zip(models, rows, strict=True)}
+
+
+def _queue_script(pipe: Pipeline, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
+    """Queue a Lua script on a pipeline (the pipeline loads it if the server lacks it)."""
+    pipe.scripts.add(script)  # type: ignore[arg-type]
+    pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode("utf-8", "replace") if isinstance(value, bytes) else value
+
+
+def _f(row: Mapping[bytes, bytes], key: str) -> float | None:
+    raw = row.get(key.encode())
+    if raw is None or raw == b"":
+        return None
+    try:
+        return float(raw)
+    except ValueError:
+        return None
+
+
+def _json(row: Mapping[bytes, bytes], key: str, default: Any) -> Any:
+    raw = row.get(key.encode())
+    if not raw:
+        return default
+    try:
+        return json.loads(raw)
+    except ValueError:
+        return default
+
+
+def _model_state(name: str, row: Mapping[bytes, bytes]) -> ModelState:
+    loaded = _s(row.get(b"loaded_on", b""))
+    requests = int(_f(row, "requests") or 0)
+    return ModelState(
+        name=name,
+        description=_s(row.get(b"description", b"")),
+        examples=tuple(_json(row, "examples", [])),
+        domains=tuple(_json(row, "domains", [])),
+        prompt_template=_s(row.get(b"prompt_template", b"{prompt}")),
+        params=int(_f(row, "params") or 0),
+        memory_mb=_f(row, "memory_mb") or 0.0,
+        baseline=row.get(b"baseline") in (b"1", b"true", b"True"),
+        source=_s(row.get(b"source", b"")),
+        quality=dict(_json(row, "quality", {})),
+        latency_ms=_f(row, "latency_ms"),
+        queue_ms=_f(row, "queue_ms"),
+        ms_per_token=_f(row, "ms_per_token"),
+        tokens_per_s=_f(row, "tokens_per_s"),
+        energy_per_token_j=_f(row, "energy_per_token_j"),
+        energy_j=_f(row, "energy_j"),
+        confidence=_f(row, "confidence"),
+        error_rate=_f(row, "error_rate") or 0.0,
+        requests=requests,
+        errors=int(_f(row, "errors") or 0),
+        load_s=_f(row, "load_s"),
+        loaded_on=tuple(w for w in loaded.split(",") if w),
+        profile=row.get(b"profile"),
+        profile_rows=int(_f(row, "profile_rows") or 0),
+    )
+
+
+def _worker_mapping(worker: WorkerState) -> dict[str, str]:
+    return {
+        "id": worker.id, "type": worker.type, "device": worker.device, "pid": str(worker.pid), "host": worker.host,
+        "memory_budget_mb": f"{worker.memory_budget_mb:.1f}", "memory_used_mb": f"{worker.memory_used_mb:.1f}",
+        "models_loaded": json.dumps(list(worker.models_loaded)),
+        "models_servable": json.dumps(list(worker.models_servable)),
+        "heartbeat_ms": f"{worker.heartbeat_ms or time.time() * 1000:.0f}", "state": worker.state,
+        "inflight": str(worker.inflight),
+    }
+
+
+def _worker_state(worker_id: str, row: Mapping[bytes, bytes]) -> WorkerState:
+    return WorkerState(
+        id=worker_id,
+        type=_s(row.get(b"type", b"onnx")),
+        device=_s(row.get(b"device", b"cpu")),
+        pid=int(_f(row, "pid") or 0),
+        host=_s(row.get(b"host", b"")),
+        memory_budget_mb=_f(row, "memory_budget_mb") or 0.0,
+        memory_used_mb=_f(row, "memory_used_mb") or 0.0,
+        models_loaded=tuple(_json(row, "models_loaded", [])),
+        models_servable=tuple(_json(row, "models_servable", [])),
+        heartbeat_ms=_f(row, "heartbeat_ms") or 0.0,
+        state=_s(row.get(b"state", b"up")),
+        inflight=int(_f(row, "inflight") or 0),
+        last_used={str(k): float(v) for k, v in dict(_json(row, "last_used", {})).items()},
+    )

@@ -1,0 +1,167 @@
+"""What every CALM process shares: connections, the KB, heartbeats, consumers and an orderly shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import redis.asyncio as aioredis
+
+from broker.config import Settings
+from broker.connection import client as make_client
+from broker.consumer import ConsumerSpec, StreamConsumer
+from broker.kb import KnowledgeBase
+from broker.names import Names
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_S = 1.0
+HEARTBEAT_TTL_S = 5.0
+DRAIN_TIMEOUT_S = 10.0
+READY_LINE = "CALM-READY"
+
+
+class ProcessRuntime:
+    """Owns a process's Redis clients, consumers and background tasks, and stops them in order."""
+
+    def __init__(self, role: str, settings: Settings, url: str, instance: str | None = None) -> None:
+        self.role = role
+        self.settings = settings
+        self.url = url
+        self.names = Names(settings.redis.prefix)
+        self.instance = instance or f"{socket.gethostname()}-{os.getpid()}"
+        self.client: aioredis.Redis = make_client(url, settings.redis)
+        self.kb = KnowledgeBase(self.client, self.names)
+        self.stopping = asyncio.Event()
+        self.extra_status: dict[str, Any] = {}
+        self._consumers: list[StreamConsumer] = []
+        self._readers: dict[int, aioredis.Redis] = {}  # id(consumer) -> its blocking connection
+        self._runs: dict[int, asyncio.Task[None]] = {}  # id(consumer) -> its running task
+        self._tasks: list[asyncio.Task[Any]] = []
+        self._serving = False
+        self.failed = False
+        self._on_stop: list[Callable[[], Awaitable[object]]] = []
+
+    def consumer(self, stream: str, group: str, **kwargs: Any) -> StreamConsumer:
+        """A consumer with its own blocking connection, named after this actor instance."""
+        reader = make_client(self.url, self.settings.redis, blocking=True)
+        spec = ConsumerSpec(stream=stream, group=group, consumer=self.instance, actor=self.role)
+        consumer = StreamConsumer(reader, self.client, spec, self.names, self.settings.streams, **kwargs)
+        self._readers[id(consumer)] = reader
+        self._consumers.append(consumer)
+        if self._serving:
+            self._launch(consumer)
+        return consumer
+
+    def _launch(self, consumer: StreamConsumer) -> None:
+        task = asyncio.create_task(consumer.run(), name=f"consume:{consumer.spec.stream}")
+        task.add_done_callback(self._consumer_done)
+        self._runs[id(consumer)] = task
+
+    def _consumer_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        log.error("%s: %s crashed: %r; shutting down so the supervisor restarts us",
+                  self.role, task.get_name(), task.exception())
+        self.failed = True
+        self.stopping.set()
+
+    async def retire(self, consumer: StreamConsumer, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
+        """Stop one consumer, let its current batch finish, and close its connection."""
+        consumer.stop()
+        task = self._runs.pop(id(consumer), None)
+        if task is not None:
+            done, _ = await asyncio.wait([task], timeout=timeout_s)
+            if not done:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
+        if consumer in self._consumers:
+            self._consumers.remove(consumer)
+        reader = self._readers.pop(id(consumer), None)
+        if reader is not None:
+            await reader.aclose()
+
+    def every(self, interval_s: float, fn: Callable[[], Awaitable[object]], name: str) -> None:
+        """Run ``fn`` every ``interval_s`` until shutdown; failures are logged, not fatal."""
+
+        async def loop() -> None:
+            while not self.stopping.is_set():
+                try:
+                    await fn()
+                except Exception:
+                    log.exception("%s: periodic task %s failed", self.role, name)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.stopping.wait(), timeout=interval_s)
+
+        self.spawn(loop(), name)
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.append(task)
+        return task
+
+    async def _heartbeat(self) -> None:
+        pipe = self.client.pipeline(transaction=False)
+        self.kb.actor_heartbeat(pipe, self.role, self.instance, os.getpid(), HEARTBEAT_TTL_S, **self.extra_status)
+        await pipe.execute()
+
+    async def serve(self, on_ready: Callable[[], None] | None = None) -> None:
+        """Run every consumer until SIGTERM/SIGINT, then drain and close in reverse order."""
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._on_signal)
+        await self._heartbeat()
+        self.every(HEARTBEAT_S, self._heartbeat, "heartbeat")
+        self._serving = True
+        for consumer in self._consumers:
+            self._launch(consumer)
+        log.info("%s %s ready", self.role, self.instance)
+        if on_ready is not None:
+            on_ready()
+        await self.stopping.wait()
+        for consumer in self._consumers:
+            consumer.stop()
+        runs = list(self._runs.values())
+        if runs:
+            _, late = await asyncio.wait(runs, timeout=DRAIN_TIMEOUT_S)
+            for task in late:
+                task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for result in await asyncio.gather(*runs, *self._tasks, return_exceptions=True):
+            if isinstance(result, Exception):
+                log.error("%s: task ended with %r", self.role, result)
+        for hook in reversed(self._on_stop):
+            try:
+                await hook()
+            except Exception:
+                log.exception("%s: shutdown hook failed", self.role)
+        with contextlib.suppress(Exception):
+            await self.client.delete(self.names.actor(self.role, self.instance))
+            await self.client.srem(self.names.actors, f"{self.role}:{self.instance}")
+        for reader in reversed(list(self._readers.values())):
+            await reader.aclose()
+        await self.client.aclose()
+        log.info("%s %s stopped", self.role, self.instance)
+
+    def on_stop(self, hook: Callable[[], Awaitable[object]]) -> None:
+        """Run ``hook`` at shutdown, after consumers drained and before connections close (reverse order)."""
+        self._on_stop.append(hook)
+
+    def _on_signal(self) -> None:
+        if self.stopping.is_set():  # second signal: leave at once
+            os._exit(130)
+        self.stopping.set()
+
+
+def announce_ready(role: str) -> None:
+    """Tell a supervisor (reading our stdout) that this process is ready."""
+    sys.stdout.write(f"{READY_LINE} {role} {os.getpid()}\n")
+    sys.stdout.flush()

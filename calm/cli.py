@@ -1,0 +1,319 @@
+"""``calm``: one command line for running, querying and inspecting CALM."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import signal
+import socket
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from broker.config import Settings, load_settings
+from broker.connection import resolve
+from broker.errors import BrokerError
+from calm import logs
+
+EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """Bad command-line usage (exit code 2)."""
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> Any:  # argparse exits 2 on usage errors; keep the one-line reason
+        self.print_usage(sys.stderr)
+        raise UsageError(message)
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", help="TOML config file (or CALM_CONFIG)")
+    p.add_argument("--redis-url", help="Redis URL (or CALM_REDIS_URL); default: local server, else embedded")
+    p.add_argument("--prefix", help="key prefix (or CALM_PREFIX), default 'calm:'")
+    p.add_argument("--fleet", help="fleet directory (or CALM_FLEET); default: the demo fleet")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                   help="override any setting, e.g. --set planner.w_latency=0.5 (repeatable)")
+    p.add_argument("--log-level", help="DEBUG, INFO, WARNING ...")
+    p.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = Parser(prog="calm", description="CALM: self-adaptive orchestration of small language model fleets.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+
+    up = sub.add_parser("up", help="run the whole system (actors + workers) until Ctrl-C")
+    _common(up)
+    up.add_argument("--workers", type=int, default=1, help="worker processes to start (default 1)")
+    up.add_argument("--memory-mb", type=int, help="memory budget per worker")
+    up.add_argument("--device", choices=["cpu", "cuda", "auto"], help="device of the workers")
+    up.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
+
+    actor = sub.add_parser("actor", help="run one MAPE-K actor process")
+    _common(actor)
+    actor.add_argument("role", choices=["monitor", "analyzer", "planner", "executor", "scheduler"])
+
+    worker = sub.add_parser("worker", help="run one SLM worker process")
+    _common(worker)
+    worker.add_argument("--models", help="comma-separated models this worker may serve (default all)")
+    worker.add_argument("--memory-mb", type=int, help="memory budget for loaded models")
+    worker.add_argument("--device", choices=["cpu", "cuda", "auto"])
+    worker.add_argument("--id", dest="worker_id", help="worker id (default host-pid)")
+    worker.add_argument("--preload", help="comma-separated models to load at start")
+
+    query = sub.add_parser("query", help="send one query and print the reply")
+    _common(query)
+    query.add_argument("text")
+    query.add_argument("--model", default=None, help="pin a model (default: CALM chooses)")
+    query.add_argument("--max-new-tokens", type=int)
+    query.add_argument("--temperature", type=float)
+    query.add_argument("--timeout", type=float, default=60.0)
+    query.add_argument("--json", action="store_true", help="print the whole reply as JSON")
+
+    status = sub.add_parser("status", help="show models, workers and actors from the knowledge base")
+    _common(status)
+    status.add_argument("--json", action="store_true")
+    status.add_argument("--decisions", type=int, nargs="?", const=10, default=0, help="show the latest decisions")
+
+    fleet = sub.add_parser("fleet", help="build, list or export fleets")
+    fsub = fleet.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
+    build = fsub.add_parser("build", help="build a fleet (or find it in the cache); prints its directory")
+    _common(build)
+    build.add_argument("--profile", default="demo", help="tiny or demo")
+    build.add_argument("--out", help="build into this directory instead of the cache")
+    listing = fsub.add_parser("list", help="list a fleet's models")
+    _common(listing)
+    listing.add_argument("--json", action="store_true")
+    export = fsub.add_parser("export", help="export a Hugging Face causal LM checkpoint into a fleet")
+    _common(export)
+    export.add_argument("checkpoint", help="local checkpoint directory (or a hub id where you have one)")
+    export.add_argument("--name", required=True)
+    export.add_argument("--description", required=True)
+    export.add_argument("--examples", nargs="*", default=[])
+    export.add_argument("--prompt-template", default="{prompt}")
+    export.add_argument("--domains", nargs="*", default=[])
+    export.add_argument("--int8", action="store_true")
+    return parser
+
+
+def settings_from(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
+    overrides: dict[str, Any] = {}
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set needs SECTION.FIELD=VALUE, got {item!r}")
+        overrides[key.strip()] = value
+    flat = {"redis.url": args.redis_url, "redis.prefix": args.prefix, "paths.fleet": args.fleet,
+            "log.level": args.log_level, "log.json": args.log_json, **(extra or {})}
+    overrides.update({k: v for k, v in flat.items() if v is not None})
+    return load_settings(args.config, overrides=overrides)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        handler = COMMANDS[args.command if args.command != "fleet" else f"fleet {args.fleet_command}"]
+        return handler(args)
+    except UsageError as e:
+        print(f"calm: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        return 130
+    except (BrokerError, OSError, ValueError, TimeoutError, RuntimeError) as e:
+        print(f"calm: {e}", file=sys.stderr)
+        return EXIT_FAIL
+
+
+# -- commands ------------------------------------------------------------------------
+def cmd_actor(args: argparse.Namespace) -> int:
+    from calm.roles import serve_actor
+
+    settings = settings_from(args)
+    logs.setup(args.role, settings.log.level, settings.log.json)
+    url = _server_url(settings)
+    fleet = None
+    if args.role == "monitor":
+        from calm.fleets import fleet_dir
+
+        fleet = fleet_dir(settings)
+    return asyncio.run(serve_actor(args.role, settings, url, fleet))
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from calm.fleets import fleet_dir
+    from calm.roles import serve_worker
+
+    extra = {"worker.models": args.models, "worker.memory_mb": args.memory_mb, "worker.device": args.device,
+             "worker.worker_id": args.worker_id, "worker.preload": args.preload}
+    settings = settings_from(args, {k: v for k, v in extra.items() if v is not None})
+    logs.setup("worker", settings.log.level, settings.log.json)
+    return asyncio.run(serve_worker(settings, _server_url(settings), fleet_dir(settings)))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from calm.fleets import fleet_dir
+    from calm.roles import ROLES
+    from calm.status import wait_routable
+    from calm.supervisor import ChildSpec, Supervisor, child_env
+
+    if args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    settings = settings_from(args)
+    logs.setup("calm-up", settings.log.level, settings.log.json)
+    fleet = str(fleet_dir(settings, profile=args.profile))
+    resolved = resolve(settings.redis)
+    if resolved.embedded is not None:
+        print(f"embedded Valkey started at {resolved.url} (pid {resolved.embedded.pid})", flush=True)
+    passthrough = [f"--set={s}" for s in args.set]
+    if args.config:
+        passthrough.append(f"--config={args.config}")
+    worker_args = []
+    if args.memory_mb:
+        worker_args.append(f"--memory-mb={args.memory_mb}")
+    if args.device:
+        worker_args.append(f"--device={args.device}")
+    host = socket.gethostname()
+    specs = [ChildSpec(role, ["actor", role, *passthrough]) for role in ROLES]
+    specs += [ChildSpec(f"worker-{i}", ["worker", f"--id={host}-w{i}", *worker_args, *passthrough])
+              for i in range(1, args.workers + 1)]
+    env = child_env(dict(os.environ), resolved.url, settings.redis.prefix, fleet)
+
+    async def run() -> int:
+        supervisor = Supervisor(specs, env)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        try:
+            await supervisor.start()
+            await wait_routable(settings, resolved.url, args.workers)
+            print(f"CALM ready: {len(ROLES)} actors and {args.workers} worker(s) on {_redact(resolved.url)}, "
+                  f"prefix {settings.redis.prefix!r}, fleet {fleet} (supervisor pid {os.getpid()})", flush=True)
+            await stop.wait()
+        finally:
+            await supervisor.stop()
+        return EXIT_OK
+
+    try:
+        return asyncio.run(run())
+    finally:
+        resolved.close()
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    from broker.connection import client
+    from broker.names import Names
+    from calm.client import ask
+
+    settings = settings_from(args)
+    url = _server_url(settings, allow_embedded=False)
+
+    async def run() -> dict[str, str]:
+        redis = client(url, settings.redis)
+        try:
+            return dict(await ask(redis, Names(settings.redis.prefix), args.text, timeout_s=args.timeout,
+                                  model=args.model, max_new_tokens=args.max_new_tokens,
+                                  temperature=args.temperature))
+        finally:
+            await redis.aclose()
+
+    reply = asyncio.run(run())
+    if args.json:
+        print(json.dumps(reply, indent=2))
+    else:
+        print(reply.get("text", ""))
+        print(f"[{reply.get('status')}] model={reply.get('model')} worker={reply.get('worker')} "
+              f"latency={reply.get('latency_ms')} ms energy={reply.get('energy_j')} J ({reply.get('energy_source')})"
+              + (f" error={reply.get('error')}" if reply.get("error") else ""), file=sys.stderr)
+    return EXIT_OK if reply.get("status") == "ok" else EXIT_FAIL
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from calm.status import print_status
+
+    settings = settings_from(args)
+    url = _server_url(settings, allow_embedded=False)
+    return print_status(settings, url, as_json=args.json, decisions=args.decisions)
+
+
+def cmd_fleet_build(args: argparse.Namespace) -> int:
+    from workers.fleet import build_fleet
+
+    settings = settings_from(args)
+    logs.setup("fleet", settings.log.level, settings.log.json)
+    out = build_fleet(args.profile, Path(settings.paths.cache_dir).expanduser(),
+                      out=Path(args.out) if args.out else None)
+    print(out)
+    return EXIT_OK
+
+
+def cmd_fleet_list(args: argparse.Namespace) -> int:
+    from calm.fleets import open_fleet
+
+    fleet = open_fleet(settings_from(args))
+    rows: list[dict[str, Any]] = [
+        {"name": m.name, "domains": list(m.domains), "params": m.params, "memory_mb": m.memory_mb,
+         "baseline": m.baseline, "quality": dict(m.quality), "path": str(fleet.model_dir(m))}
+        for m in fleet.models
+    ]
+    if args.json:
+        print(json.dumps({"fleet": str(fleet.root), "models": rows}, indent=2))
+        return EXIT_OK
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"fleet {fleet.name} ({fleet.root})")
+    for col in ("name", "domains", "params", "memory_mb", "baseline", "quality"):
+        table.add_column(col)
+    for r in rows:
+        quality = ", ".join(f"{k}={v:.3f}" for k, v in r["quality"].items())
+        table.add_row(r["name"], ",".join(r["domains"]), f"{r['params']:,}", str(r["memory_mb"]),
+                      "yes" if r["baseline"] else "", quality)
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_fleet_export(args: argparse.Namespace) -> int:
+    from calm.fleets import fleet_dir
+    from workers.fleet import export_checkpoint_to_fleet
+
+    settings = settings_from(args)
+    logs.setup("fleet", settings.log.level, settings.log.json)
+    target = fleet_dir(settings)
+    card = export_checkpoint_to_fleet(Path(args.checkpoint), target, name=args.name, description=args.description,
+                                      examples=list(args.examples), prompt_template=args.prompt_template,
+                                      int8=args.int8, domains=list(args.domains))
+    print(f"exported {getattr(card, 'name', args.name)} into {target}", file=sys.stderr)
+    print(target)
+    return EXIT_OK
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "up": cmd_up, "actor": cmd_actor, "worker": cmd_worker, "query": cmd_query, "status": cmd_status,
+    "fleet build": cmd_fleet_build, "fleet list": cmd_fleet_list, "fleet export": cmd_fleet_export,
+}
+
+
+def _server_url(settings: Settings, allow_embedded: bool = True) -> str:
+    """The server to talk to; processes that are not the supervisor never start an embedded one."""
+    from broker.config import DEFAULT_REDIS_URL
+    from broker.connection import answers
+
+    url = settings.redis.url or DEFAULT_REDIS_URL
+    if not answers(url, settings.redis.connect_timeout_s):
+        hint = "" if settings.redis.url else " (set CALM_REDIS_URL, or start CALM with 'calm up')"
+        raise BrokerError(f"no Redis server answers at {_redact(url)}{hint}")
+    del allow_embedded
+    return url
+
+
+def _redact(url: str) -> str:
+    if "@" not in url:
+        return url
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://***@{rest.split('@', 1)[1]}"

@@ -1,0 +1,69 @@
+"""Analyzer: scores every routable model for each query (semantic fit + predicted QoS from the KB)."""
+
+from __future__ import annotations
+
+import logging
+import time
+
+import numpy as np
+
+from broker.codec import decode_as, encode
+from broker.effects import Effects, Entry
+from broker.messages import Embedded, Scored
+from broker.replies import ReplyBook
+from broker.runtime import ProcessRuntime
+from calm_actors.fleetview import FleetView, load_view
+from calm_actors.replying import answer_dead_query
+from calm_actors.scoring import domain_of, score_all
+
+log = logging.getLogger(__name__)
+
+
+class NotReady(RuntimeError):
+    """Nothing can be routed yet; the entry stays pending and is retried after the reclaim delay."""
+VIEW_REFRESH_S = 0.25
+
+
+class Analyzer:
+    """Consumes ``calm:analyze``, produces ``calm:plan``."""
+
+    def __init__(self, rt: ProcessRuntime) -> None:
+        self.rt = rt
+        self.names = rt.names
+        self.settings = rt.settings
+        self.view = FleetView()
+        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+                                 rt.settings.streams.replies_maxlen)
+
+    async def refresh(self) -> None:
+        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+
+    def install(self) -> None:
+        self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded,
+                         on_dead=answer_dead_query(self.replies))
+        self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
+
+    async def on_embedded(self, entry: Entry) -> Effects:
+        message = decode_as(Embedded, entry.fields, entry.id, entry.stream)
+        embedding = np.frombuffer(message.embedding, dtype=np.float32)
+        pinned = message.query.model
+        if not self.view.models or (pinned is not None and pinned not in self.view.models):
+            await self.refresh()  # a model may have registered since the last refresh
+        if not self.view.models:
+            raise NotReady("no routable model yet (no worker registered, or models not profiled)")
+        candidates = score_all(message.query, embedding, self.view, self.settings.planner)
+        domain = domain_of(candidates, self.view)
+        if message.query.model is not None:
+            candidates = [c for c in candidates if c.model == message.query.model]
+        stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
+        scored = Scored(query=message.query, candidates=candidates, domain=domain, stamps=stamps)
+        return Effects().xadd(self.names.plan, encode(scored), maxlen=self.settings.streams.maxlen)
+
+
+async def start(rt: ProcessRuntime) -> Analyzer:
+    analyzer = Analyzer(rt)
+    await analyzer.refresh()
+    analyzer.install()
+    return analyzer
+
+

@@ -1,0 +1,70 @@
+"""The router's sentence embedder: an ONNX export of all-MiniLM-L6-v2, mean-pooled and L2-normalised."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+from tokenizers import Tokenizer
+
+MAX_TOKENS = 256
+
+
+class EmbedderError(RuntimeError):
+    """The embedder files are missing or unusable."""
+
+
+def embedder_dir(fleet_dir: Path) -> Path:
+    """Where a fleet keeps its embedder (``[fleet] embedder`` in fleet.toml, default ``embedder``)."""
+    manifest = fleet_dir / "fleet.toml"
+    try:
+        with manifest.open("rb") as fh:
+            data = tomllib.load(fh)
+    except FileNotFoundError as e:
+        raise EmbedderError(f"{manifest}: no such file; build a fleet with 'calm fleet build'") from e
+    except tomllib.TOMLDecodeError as e:
+        raise EmbedderError(f"{manifest}: invalid TOML: {e}") from e
+    rel = data.get("fleet", {}).get("embedder", "embedder")
+    return fleet_dir / str(rel)
+
+
+class SentenceEmbedder:
+    """Embeds batches of texts into unit vectors (float32)."""
+
+    def __init__(self, model_dir: Path, threads: int = 1) -> None:
+        model = model_dir / "model.onnx"
+        tok = model_dir / "tokenizer.json"
+        for path in (model, tok):
+            if not path.is_file():
+                raise EmbedderError(f"embedder file missing: {path}")
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        try:
+            self._session = ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise EmbedderError(f"cannot load {model}: {e}") from e
+        self._inputs = {i.name for i in self._session.get_inputs()}
+        self._tokenizer = Tokenizer.from_file(str(tok))
+        self._tokenizer.enable_truncation(MAX_TOKENS)
+        self._tokenizer.enable_padding()
+        self.dim = int(self._session.get_outputs()[0].shape[-1] or 384)
+
+    def embed(self, texts: Sequence[str]) -> np.ndarray:
+        """A ``(len(texts), dim)`` float32 matrix of L2-normalised embeddings."""
+        if not texts:
+            return np.zeros((0, self.dim), dtype=np.float32)
+        encodings = self._tokenizer.encode_batch(list(texts))
+        ids = np.array([e.ids for e in encodings], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        feeds = {"input_ids": ids, "attention_mask": mask}
+        if "token_type_ids" in self._inputs:
+            feeds["token_type_ids"] = np.zeros_like(ids)
+        hidden = self._session.run(None, feeds)[0]
+        weights = mask[..., None].astype(np.float32)
+        pooled = (hidden * weights).sum(axis=1) / np.clip(weights.sum(axis=1), 1e-9, None)
+        norms = np.linalg.norm(pooled, axis=1, keepdims=True)
+        return (pooled / np.clip(norms, 1e-12, None)).astype(np.float32)

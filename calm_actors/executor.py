@@ -1,0 +1,153 @@
+"""Executor: dispatches planned queries to model work streams, retries timeouts, and writes replies."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from broker.codec import decode, decode_as, encode
+from broker.consumer import ensure_group
+from broker.effects import Effects, Entry, dead_letter_fields
+from broker.errors import DecodeError
+from broker.messages import Inflight, Planned, Result, Work
+from broker.replies import ReplyBook
+from broker.runtime import ProcessRuntime
+from calm_actors.replying import answer_dead_query, query_rejection
+
+log = logging.getLogger(__name__)
+
+
+class Executor:
+    """Consumes ``calm:execute`` and ``calm:results``; sweeps timed-out work."""
+
+    def __init__(self, rt: ProcessRuntime) -> None:
+        self.rt = rt
+        self.names = rt.names
+        self.settings = rt.settings
+        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+                                 rt.settings.streams.replies_maxlen)
+        self._groups: set[str] = set()
+
+    def install(self) -> None:
+        self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, handler=self.on_planned,
+                         on_dead=answer_dead_query(self.replies))
+        self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128)
+        self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
+
+    # -- dispatch ------------------------------------------------------------------
+    async def on_planned(self, entry: Entry) -> Effects:
+        planned = decode_as(Planned, entry.fields, entry.id, entry.stream)
+        now_ms = time.time() * 1000
+        inflight = Inflight(query=planned.query, decision=planned.decision, domain=planned.domain, attempt=1,
+                            dispatched_ms=now_ms, stamps={**planned.stamps, "executor_ms": now_ms})
+        return await self._dispatch(inflight, Effects())
+
+    async def _dispatch(self, inflight: Inflight, effects: Effects) -> Effects:
+        query, model = inflight.query, inflight.decision.model
+        stream = self.names.work(model)
+        if stream not in self._groups:  # entries added before any worker joins must still be delivered
+            await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
+            self._groups.add(stream)
+        work = Work(id=query.id, attempt=inflight.attempt, model=model, prompt=query.prompt,
+                    max_new_tokens=query.max_new_tokens, temperature=query.temperature,
+                    dispatched_ms=inflight.dispatched_ms)
+        deadline_ms = time.time() * 1000 + self.settings.executor.attempt_timeout_s * 1000
+        effects.xadd(stream, encode(work), maxlen=self.settings.streams.maxlen)
+        effects.call(lambda p: p.hset(self.names.inflight_data, query.id, encode(inflight)[b"m"]))
+        effects.call(lambda p: p.zadd(self.names.inflight, {query.id: deadline_ms}))
+        return effects
+
+    # -- results -------------------------------------------------------------------
+    async def on_results(self, entries: list[Entry]) -> Sequence[Effects]:
+        out: list[Effects] = [Effects() for _ in entries]
+        results: list[tuple[int, Result]] = []
+        for i, entry in enumerate(entries):
+            try:
+                results.append((i, decode_as(Result, entry.fields, entry.id, entry.stream)))
+            except DecodeError as e:
+                out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
+        if not results:
+            return out
+        raw: list[Any] = await self.rt.client.hmget(self.names.inflight_data, [r.id for _, r in results])
+        for (i, result), blob in zip(results, raw, strict=True):
+            if blob is None:
+                continue  # already answered (a late or duplicate result): nothing to do
+            inflight = decode_as(Inflight, {b"m": blob})
+            if result.ok:
+                self._finish(out[i], inflight, self._reply(inflight, result))
+            elif result.attempt >= inflight.attempt:
+                await self._retry_or_fail(out[i], inflight, f"worker {result.worker} failed: {result.error}")
+        return out
+
+    def _reply(self, inflight: Inflight, result: Result) -> dict[str, Any]:
+        now_ms = time.time() * 1000
+        query = inflight.query
+        return {
+            "id": query.id, "status": "ok", "text": result.text, "model": result.model, "worker": result.worker,
+            "cached": False, "latency_ms": now_ms - query.arrived_ms,
+            "route_ms": max(0.0, inflight.stamps.get("executor_ms", inflight.dispatched_ms) - query.arrived_ms),
+            "queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "tokens_in": result.tokens_in,
+            "tokens_out": result.tokens_out, "energy_j": result.energy_j, "energy_source": result.energy_source,
+            "confidence": result.confidence, "error": "", "domain": inflight.domain,
+            "slo_met": inflight.decision.slo_met, "reason": inflight.decision.reason, "attempts": inflight.attempt,
+            "finish_reason": result.finish_reason,
+        }
+
+    def _finish(self, effects: Effects, inflight: Inflight, reply: dict[str, Any]) -> None:
+        query = inflight.query
+        effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
+        effects.call(lambda p: p.hdel(self.names.inflight_data, query.id))
+        effects.call(lambda p: p.zrem(self.names.inflight, query.id))
+
+    async def _retry_or_fail(self, effects: Effects, inflight: Inflight, reason: str) -> None:
+        if inflight.attempt < self.settings.executor.max_attempts:
+            log.warning("query %s attempt %d: %s; retrying", inflight.query.id, inflight.attempt, reason,
+                        extra={"query_id": inflight.query.id})
+            retry = Inflight(query=inflight.query, decision=inflight.decision, domain=inflight.domain,
+                             attempt=inflight.attempt + 1, dispatched_ms=inflight.dispatched_ms, stamps=inflight.stamps)
+            await self._dispatch(retry, effects)
+            return
+        final = f"{reason} (after {inflight.attempt} attempts)"
+        log.error("query %s failed: %s", inflight.query.id, final, extra={"query_id": inflight.query.id})
+        dead = Entry(self.names.execute, inflight.query.entry_id, {b"m": encode(inflight)[b"m"]})
+        effects.xadd(self.names.dead, dead_letter_fields(dead, final, "executor"),
+                     maxlen=self.settings.streams.dead_maxlen)
+        reply = query_rejection(inflight.query, final, status="error")
+        reply.update(model=inflight.decision.model, attempts=inflight.attempt, domain=inflight.domain)
+        self._finish(effects, inflight, reply)
+
+    # -- timeouts ------------------------------------------------------------------
+    async def sweep(self) -> None:
+        """Retry (or fail) every dispatched query whose attempt deadline has passed."""
+        now_ms = time.time() * 1000
+        expired: list[Any] = await self.rt.client.zrangebyscore(self.names.inflight, "-inf", now_ms, start=0, num=100)
+        for raw_id in expired:
+            query_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
+            if not await self.rt.client.zrem(self.names.inflight, query_id):
+                continue  # another executor took it
+            blob: Any = await self.rt.client.hget(self.names.inflight_data, query_id)
+            if blob is None:
+                continue
+            try:
+                inflight = decode({b"m": blob})
+            except DecodeError:
+                await self.rt.client.hdel(self.names.inflight_data, query_id)
+                continue
+            if not isinstance(inflight, Inflight):
+                continue
+            effects = Effects()
+            timeout_s = self.settings.executor.attempt_timeout_s
+            reason = f"no result within {timeout_s:g}s from model {inflight.decision.model}"
+            await self._retry_or_fail(effects, inflight, reason)
+            pipe = self.rt.client.pipeline(transaction=True)
+            for op in effects.ops:
+                op(pipe)
+            await pipe.execute()
+
+
+async def start(rt: ProcessRuntime) -> Executor:
+    executor = Executor(rt)
+    executor.install()
+    return executor

@@ -1,0 +1,170 @@
+"""Monitor: validates and embeds incoming queries, and keeps the knowledge base's live QoS current."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from functools import partial
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from broker.codec import decode_as, encode, ingress_fields
+from broker.effects import Effects, Entry
+from broker.errors import DecodeError, ValidationError
+from broker.ingress import entry_ms, parse_query, query_id, reply_stream
+from broker.messages import Embedded, Query, Telemetry
+from broker.replies import ReplyBook
+from broker.runtime import ProcessRuntime
+from calm_actors.embedder import SentenceEmbedder, embedder_dir
+from calm_actors.replying import rejection
+
+log = logging.getLogger(__name__)
+PROFILE_REFRESH_S = 1.0
+
+
+class Monitor:
+    """Consumes ``calm:queries`` and ``calm:telemetry``."""
+
+    def __init__(self, rt: ProcessRuntime, fleet_dir: Path) -> None:
+        self.rt = rt
+        self.names = rt.names
+        self.settings = rt.settings
+        self.embedder = SentenceEmbedder(embedder_dir(fleet_dir))
+        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+                                 rt.settings.streams.replies_maxlen)
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        self._profiled: dict[str, str] = {}
+        self._known_models: set[str] = set()
+
+    def install(self) -> None:
+        s = self.settings
+        self.rt.consumer(self.names.queries, self.names.GROUP_MONITOR, batch_handler=self.on_queries,
+                         batch=s.ingress.embed_batch)
+        self.rt.consumer(self.names.telemetry, self.names.GROUP_TELEMETRY, batch_handler=self.on_telemetry, batch=256)
+        self.rt.every(PROFILE_REFRESH_S, self.refresh_profiles, "profiles")
+
+    # -- queries -------------------------------------------------------------------
+    async def on_queries(self, entries: list[Entry]) -> Sequence[Effects]:
+        effects: list[Effects] = [Effects() for _ in entries]
+        valid: list[tuple[int, Query]] = []
+        for i, entry in enumerate(entries):
+            query = self._validate(entry, effects[i])
+            if query is not None:
+                valid.append((i, query))
+        valid = await self._drop_unknown_models(entries, valid, effects)
+        if not valid:
+            return effects
+        # Idempotency claims for the whole batch in one round trip.
+        pipe = self.rt.client.pipeline(transaction=False)
+        for _, query in valid:
+            self.replies.claim(pipe, query.id, query.entry_id, query.reply_to)
+        claims = [ReplyBook.parse_claim(raw) for raw in await pipe.execute()]
+        fresh: list[tuple[int, Query]] = []
+        for (i, query), claim in zip(valid, claims, strict=True):
+            if claim.state == "new":
+                fresh.append((i, query))
+            elif claim.state == "done" and claim.reply is not None:
+                reply = claim.reply
+                effects[i].call(partial(self.replies.resend, reply_to=query.reply_to, reply=reply))
+            # "wait": the first copy is in flight; its delivery also answers this reply stream.
+        if fresh:
+            stamp = time.time() * 1000
+            vectors = await asyncio.get_running_loop().run_in_executor(
+                self._pool, self.embedder.embed, [q.prompt for _, q in fresh]
+            )
+            for (i, query), vector in zip(fresh, vectors, strict=True):
+                message = Embedded(query=query, embedding=vector.tobytes(), stamps={"monitor_ms": stamp})
+                effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
+        return effects
+
+    def _validate(self, entry: Entry, effects: Effects) -> Query | None:
+        values: dict[str, Any] = {}
+        try:
+            values = ingress_fields(entry.fields, entry.id, entry.stream)
+            return parse_query(values, entry.id, self.names, self.settings.ingress)
+        except (DecodeError, ValidationError) as e:
+            self._reject(entry, values, str(e), effects)
+            return None
+
+    def _reject(self, entry: Entry, values: dict[str, Any], reason: str, effects: Effects) -> None:
+        log.info("rejected query %s: %s", entry.id, reason, extra={"query_id": entry.id})
+        effects.dead_letter(self.names, entry, reason, "monitor", self.settings.streams.dead_maxlen)
+        target = reply_stream(values, self.names)
+        if target is not None:
+            reply = rejection(query_id(values, entry.id), reason, entry_ms(entry.id))
+            effects.call(lambda p: self.replies.send_unclaimed(p, target, reply))
+
+    async def _drop_unknown_models(self, entries: list[Entry], valid: list[tuple[int, Query]],
+                                   effects: list[Effects]) -> list[tuple[int, Query]]:
+        """Reject queries pinned to a model no worker registered."""
+        if all(q.model is None or q.model in self._known_models for _, q in valid):
+            return valid
+        self._known_models = set(await self.rt.kb.model_names())
+        kept = []
+        for i, query in valid:
+            if query.model is not None and query.model not in self._known_models:
+                values = ingress_fields(entries[i].fields, entries[i].id, entries[i].stream)
+                self._reject(entries[i], values, f"unknown model {query.model!r}", effects[i])
+            else:
+                kept.append((i, query))
+        return kept
+
+    # -- telemetry -----------------------------------------------------------------
+    async def on_telemetry(self, entries: list[Entry]) -> Sequence[Effects]:
+        out: list[Effects] = []
+        alpha, window = self.settings.qos.ewma_alpha, self.settings.qos.window
+        for entry in entries:
+            effects = Effects()
+            try:
+                t = decode_as(Telemetry, entry.fields, entry.id, entry.stream)
+            except DecodeError as e:
+                out.append(effects.dead_letter(self.names, entry, str(e), "monitor", self.settings.streams.dead_maxlen))
+                continue
+            values = {"error_rate": 0.0 if t.ok else 1.0}
+            if t.ok:
+                tokens = max(1, t.tokens_out)
+                values.update(
+                    latency_ms=t.queue_ms + t.inference_ms, queue_ms=t.queue_ms, ms_per_token=t.inference_ms / tokens,
+                    tokens_per_s=1000.0 * tokens / max(t.inference_ms, 1e-3), energy_j=t.energy_j,
+                    energy_per_token_j=t.energy_j / tokens, confidence=t.confidence,
+                )
+            record = partial(self.rt.kb.record_qos, name=t.model, alpha=alpha, values=values, ok=t.ok, window=window)
+            effects.call(record)
+            out.append(effects)
+        return out
+
+    # -- model profiles ------------------------------------------------------------
+    async def refresh_profiles(self) -> None:
+        """Embed the description and examples of every new or changed model card."""
+        models = await self.rt.kb.models()
+        self._known_models = set(models)
+        todo = []
+        for name, state in models.items():
+            digest = hashlib.sha256(repr((state.description, state.examples)).encode()).hexdigest()
+            if state.profile is None or self._profiled.get(name) != digest:
+                todo.append((name, state.description, state.examples, digest))
+        if not todo:
+            return
+        loop = asyncio.get_running_loop()
+        pipe = self.rt.client.pipeline(transaction=False)
+        for name, description, examples, digest in todo:
+            texts = [description or name, *examples]
+            matrix = await loop.run_in_executor(self._pool, self.embedder.embed, texts)
+            self.rt.kb.set_profile(pipe, name, np.ascontiguousarray(matrix, dtype=np.float32).tobytes(), len(texts))
+            self._profiled[name] = digest
+        await pipe.execute()
+        log.info("profiled models: %s", ", ".join(t[0] for t in todo))
+
+
+async def start(rt: ProcessRuntime, fleet_dir: Path) -> Monitor:
+    """Create the monitor, profile the models already known, and register its consumers."""
+    monitor = Monitor(rt, fleet_dir)
+    await monitor.refresh_profiles()
+    monitor.install()
+    return monitor

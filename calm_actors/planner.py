@@ -1,0 +1,88 @@
+"""Planner: picks the model for each query, explains the decision, and asks for cold models."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+
+from broker.codec import decode_as, encode
+from broker.effects import Effects, Entry
+from broker.messages import Decision, Planned, Scored, WantModel
+from broker.replies import ReplyBook
+from broker.runtime import ProcessRuntime
+from calm_actors.fleetview import FleetView, load_view
+from calm_actors.planning import Routable, make_strategy, utility
+from calm_actors.replying import answer_dead_query, query_rejection
+
+log = logging.getLogger(__name__)
+VIEW_REFRESH_S = 0.5
+
+
+class Planner:
+    """Consumes ``calm:plan``; produces ``calm:execute``, ``calm:decisions`` and ``calm:sched`` wants."""
+
+    def __init__(self, rt: ProcessRuntime) -> None:
+        self.rt = rt
+        self.names = rt.names
+        self.settings = rt.settings
+        self.strategy = make_strategy(rt.settings.planner)
+        self.view = FleetView()
+        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+                                 rt.settings.streams.replies_maxlen)
+
+    async def refresh(self) -> None:
+        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+
+    def install(self) -> None:
+        self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored,
+                         on_dead=answer_dead_query(self.replies))
+        self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
+
+    async def on_scored(self, entry: Entry) -> Effects:
+        message = decode_as(Scored, entry.fields, entry.id, entry.stream)
+        query = message.query
+        options = [
+            Routable(c, self.view.models[c.model].state.baseline if c.model in self.view.models else False)
+            for c in message.candidates
+        ]
+        decision = self.strategy.choose(query, options)
+        effects = Effects()
+        if decision is None:
+            reason = "no worker can serve any model right now"
+            effects.dead_letter(self.names, entry, reason, "planner", self.settings.streams.dead_maxlen)
+            reply = query_rejection(query, reason, status="error")
+            return effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
+        now = time.time()
+        stamps = {**message.stamps, "planner_ms": now * 1000}
+        planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps)
+        effects.xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
+        explanation = self._explain(planned, message)
+        effects.xadd(self.names.decisions, explanation, maxlen=self.settings.streams.decisions_maxlen)
+        effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now))
+        chosen = self.view.models.get(decision.model)
+        if chosen is None or not chosen.loaded_on:
+            want = WantModel(model=decision.model, query_id=query.id, at_ms=now * 1000)
+            effects.xadd(self.names.sched, encode(want), maxlen=self.settings.streams.maxlen)
+        return effects
+
+    def _explain(self, planned: Planned, scored: Scored) -> dict[str, str]:
+        decision: Decision = planned.decision
+        rows = [
+            {"model": c.model, "fit": round(c.fit, 4), "latency_ms": round(c.latency_ms, 2),
+             "energy_j": round(c.energy_j, 4), "quality": round(c.quality, 4), "error_rate": round(c.error_rate, 4),
+             "loaded": c.loaded, "queue": c.queue, "utility": round(utility(c, self.settings.planner), 4)}
+            for c in scored.candidates
+        ]
+        return {
+            "id": planned.query.id, "model": decision.model, "reason": decision.reason,
+            "utility": f"{decision.utility:.4f}", "slo_met": "1" if decision.slo_met else "0",
+            "domain": planned.domain, "strategy": self.strategy.name, "candidates": json.dumps(rows),
+        }
+
+
+async def start(rt: ProcessRuntime) -> Planner:
+    planner = Planner(rt)
+    await planner.refresh()
+    planner.install()
+    return planner

@@ -1,0 +1,67 @@
+"""The Analyze step: semantic fit and predicted QoS of every model for one query (pure functions)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from broker.config import PlannerSettings
+from broker.messages import Candidate, Query
+from calm_actors.fleetview import FleetView, ModelView
+
+DEFAULT_MS_PER_TOKEN = 5.0  # prior for a model with no telemetry yet (optimistic: it gets tried)
+DEFAULT_LOAD_S = 1.0
+DEFAULT_ENERGY_PER_TOKEN_J = 0.05
+
+
+def semantic_fit(embedding: np.ndarray, profile: np.ndarray) -> float:
+    """Blend of the cosine to the profile centroid and to the nearest profile row (description or example)."""
+    sims = profile @ embedding
+    centroid = profile.mean(axis=0)
+    norm = float(np.linalg.norm(centroid)) or 1.0
+    return float(0.5 * (centroid @ embedding) / norm + 0.5 * sims.max())
+
+
+def expected_tokens(query: Query) -> int:
+    return max(1, query.max_new_tokens)
+
+
+def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Candidate:
+    """Predicted latency, energy and quality of running ``query`` on ``model`` now."""
+    state = model.state
+    tokens = expected_tokens(query)
+    ms_per_token = state.ms_per_token if state.ms_per_token is not None else DEFAULT_MS_PER_TOKEN
+    # Observed mean latency already includes typical output lengths; per-token cost covers longer asks.
+    service_ms = state.latency_ms if state.latency_ms is not None else ms_per_token * tokens
+    service_ms = max(service_ms, ms_per_token * min(tokens, 8))
+    replicas = max(1, len(model.loaded_on))
+    queue_ms = model.backlog * service_ms / replicas
+    loaded = bool(model.loaded_on)
+    load_ms = 0.0 if loaded else 1000.0 * (state.load_s if state.load_s is not None else DEFAULT_LOAD_S)
+    energy_per_token = (
+        state.energy_per_token_j if state.energy_per_token_j is not None else DEFAULT_ENERGY_PER_TOKEN_J
+    )
+    energy = state.energy_j if state.energy_j is not None else energy_per_token * tokens
+    quality = state.confidence if state.confidence is not None else 0.5
+    return Candidate(
+        model=state.name, fit=fit, latency_ms=service_ms + queue_ms + load_ms, energy_j=energy,
+        quality=quality, error_rate=state.error_rate, loaded=loaded, queue=model.backlog,
+    )
+
+
+def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: PlannerSettings) -> list[Candidate]:
+    """A candidate for every routable model."""
+    return [predict(query, m, semantic_fit(embedding, m.profile), view) for m in view.models.values()]
+
+
+def domain_of(candidates: list[Candidate], view: FleetView) -> str:
+    """The domain of the best-fitting non-baseline model: the query's topic as the fleet sees it."""
+    best = None
+    for c in candidates:
+        model = view.models.get(c.model)
+        if model is None or model.state.baseline:
+            continue
+        if best is None or c.fit > best.fit:
+            best = c
+    if best is None:
+        return ""
+    return view.models[best.model].state.domain

@@ -1,0 +1,124 @@
+"""The consumer abstraction against a real server: ack with effects, reclaim, dead letters."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import redis.asyncio as aioredis
+
+from broker.config import Settings
+from broker.consumer import ConsumerSpec, StreamConsumer
+from broker.effects import Effects, Entry
+from broker.errors import DecodeError
+from broker.names import Names
+
+
+async def _run_until(consumer: StreamConsumer, predicate, timeout_s: float = 20.0) -> None:
+    task = asyncio.create_task(consumer.run())
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await predicate():
+                await asyncio.sleep(0.02)
+    finally:
+        consumer.stop()
+        with contextlib.suppress(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+
+
+def _consumer(client: aioredis.Redis, names: Names, settings: Settings, name: str, handler) -> StreamConsumer:
+    spec = ConsumerSpec(stream=f"{names.prefix}in", group="g", consumer=name, actor="test")
+    return StreamConsumer(client, client, spec, names, settings.streams, handler=handler)
+
+
+async def test_effects_are_written_with_the_ack(aclient: aioredis.Redis, names: Names, settings: Settings) -> None:
+    stream = f"{names.prefix}in"
+    out = f"{names.prefix}out"
+    for i in range(10):
+        await aclient.xadd(stream, {"n": str(i)})
+
+    async def handler(entry: Entry) -> Effects:
+        return Effects().xadd(out, {"double": str(2 * int(entry.fields[b"n"]))})
+
+    consumer = _consumer(aclient, names, settings, "c1", handler)
+
+    async def done() -> bool:
+        return await aclient.xlen(out) == 10
+
+    await _run_until(consumer, done)
+    doubled = sorted(int(f[b"double"]) for _, f in await aclient.xrange(out))
+    assert doubled == [2 * i for i in range(10)]
+    pending = await aclient.xpending(stream, "g")
+    assert pending["pending"] == 0
+
+
+async def test_entries_of_a_dead_consumer_are_reclaimed_and_processed_once(
+    aclient: aioredis.Redis, names: Names, settings: Settings
+) -> None:
+    stream = f"{names.prefix}in"
+    out = f"{names.prefix}out"
+    await aclient.xgroup_create(stream, "g", id="0", mkstream=True)
+    for i in range(5):
+        await aclient.xadd(stream, {"n": str(i)})
+    # A consumer reads everything and dies before acking.
+    await aclient.xreadgroup("g", "dead-one", {stream: ">"}, count=100)
+
+    async def handler(entry: Entry) -> Effects:
+        return Effects().xadd(out, {"n": entry.fields[b"n"]})
+
+    survivor = _consumer(aclient, names, settings, "survivor", handler)
+
+    async def done() -> bool:
+        return await aclient.xlen(out) >= 5
+
+    await _run_until(survivor, done)
+    await asyncio.sleep(0.5)  # give a duplicate the chance to show up
+    seen = [int(f[b"n"]) for _, f in await aclient.xrange(out)]
+    assert sorted(seen) == [0, 1, 2, 3, 4]
+    assert (await aclient.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_poison_entry_goes_to_dead_letters_after_the_delivery_limit(
+    aclient: aioredis.Redis, names: Names, settings: Settings
+) -> None:
+    stream = f"{names.prefix}in"
+    await aclient.xadd(stream, {"n": "boom"})
+    await aclient.xadd(stream, {"n": "1"})
+    calls = {"boom": 0}
+
+    async def handler(entry: Entry) -> Effects:
+        if entry.fields[b"n"] == b"boom":
+            calls["boom"] += 1
+            raise RuntimeError("handler crashed")
+        return Effects()
+
+    consumer = _consumer(aclient, names, settings, "c1", handler)
+
+    async def dead() -> bool:
+        return await aclient.xlen(names.dead) >= 1
+
+    await _run_until(consumer, dead, timeout_s=30)
+    [(_, fields)] = await aclient.xrange(names.dead)
+    assert fields[b"stream"].decode() == stream
+    assert b"delivered more than 3 times" in fields[b"reason"]
+    assert b"boom" in fields[b"payload"]
+    assert calls["boom"] == settings.streams.max_deliveries
+    assert (await aclient.xpending(stream, "g"))["pending"] == 0
+
+
+async def test_decode_errors_dead_letter_at_once(aclient: aioredis.Redis, names: Names, settings: Settings) -> None:
+    stream = f"{names.prefix}in"
+    await aclient.xadd(stream, {"m": b"\xc1garbage"})
+
+    async def handler(entry: Entry) -> Effects:
+        raise DecodeError("bad message payload: test", entry.id, entry.stream)
+
+    consumer = _consumer(aclient, names, settings, "c1", handler)
+
+    async def dead() -> bool:
+        return await aclient.xlen(names.dead) == 1
+
+    await _run_until(consumer, dead)
+    [(_, fields)] = await aclient.xrange(names.dead)
+    assert fields[b"reason"] == b"bad message payload: test"
+    assert fields[b"actor"] == b"test"

@@ -1,0 +1,229 @@
+"""Plan and Analyze as pure functions: utility routing with SLOs, semantic fit, QoS prediction."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import msgspec
+import numpy as np
+import pytest
+
+from broker.config import PlannerSettings
+from broker.kb import ModelState
+from broker.messages import Candidate, Query
+from calm_actors.fleetview import FleetView, ModelView
+from calm_actors.planning import Routable, UtilityStrategy, make_strategy, meets_slo, slo_shortfall, utility
+from calm_actors.scoring import DEFAULT_ENERGY_PER_TOKEN_J, DEFAULT_LOAD_S, DEFAULT_MS_PER_TOKEN, predict, semantic_fit
+
+W = PlannerSettings()
+
+
+def _q(**kw) -> Query:
+    base = {"id": "q", "entry_id": "1-0", "prompt": "p", "reply_to": "calm:replies"}
+    base.update(kw)
+    return Query(**base)
+
+
+def _c(model: str, fit: float = 0.5, latency_ms: float = 100.0, energy_j: float = 0.1, quality: float = 0.5,
+       error_rate: float = 0.0, loaded: bool = True, queue: int = 0) -> Candidate:
+    return Candidate(model=model, fit=fit, latency_ms=latency_ms, energy_j=energy_j, quality=quality,
+                     error_rate=error_rate, loaded=loaded, queue=queue)
+
+
+def _opts(*candidates: Candidate, baseline: tuple[str, ...] = ()) -> list[Routable]:
+    return [Routable(c, c.model in baseline) for c in candidates]
+
+
+def test_utility_formula_with_default_weights() -> None:
+    c = _c("m", fit=0.8, latency_ms=500.0, energy_j=2.0, quality=0.6, error_rate=0.1, loaded=False)
+    # 1*0.8 + 0.3*0.6 - 0.25*500/1000 - 0.1*2/1 - 1*0.1 - 0.05
+    assert utility(c, W) == pytest.approx(0.505)
+    assert utility(msgspec.structs.replace(c, loaded=True), W) == pytest.approx(0.555)
+
+
+def test_highest_utility_wins() -> None:
+    a = _c("a", fit=0.9, latency_ms=300.0)
+    b = _c("b", fit=0.6, latency_ms=50.0)
+    c = _c("c", fit=0.7, latency_ms=100.0, error_rate=0.5)
+    decision = UtilityStrategy(W).choose(_q(), _opts(a, b, c))
+    assert decision is not None
+    assert decision.model == "a"
+    assert decision.utility == pytest.approx(utility(a, W))
+    assert decision.slo_met is True
+    assert "3 models" in decision.reason
+
+
+def test_weights_change_the_ordering() -> None:
+    fit_heavy = _c("fit", fit=0.9, latency_ms=900.0)
+    fast = _c("fast", fit=0.5, latency_ms=10.0)
+    assert UtilityStrategy(W).choose(_q(), _opts(fit_heavy, fast)).model == "fit"
+    speed = dataclasses.replace(W, w_latency=2.0)
+    assert UtilityStrategy(speed).choose(_q(), _opts(fit_heavy, fast)).model == "fast"
+    green = dataclasses.replace(W, w_fit=0.0, w_energy=1.0)
+    cheap = _c("cheap", fit=0.1, energy_j=0.01)
+    costly = _c("costly", fit=0.9, energy_j=1.0)
+    assert UtilityStrategy(W).choose(_q(), _opts(cheap, costly)).model == "costly"
+    assert UtilityStrategy(green).choose(_q(), _opts(cheap, costly)).model == "cheap"
+
+
+def test_cold_load_penalty_breaks_a_tie() -> None:
+    cold = _c("cold", loaded=False)
+    warm = _c("warm", loaded=True)
+    assert UtilityStrategy(W).choose(_q(), _opts(cold, warm)).model == "warm"
+
+
+def test_pinned_model_wins() -> None:
+    best = _c("best", fit=1.0)
+    poor = _c("poor", fit=0.0, error_rate=1.0)
+    decision = UtilityStrategy(W).choose(_q(model="poor"), _opts(best, poor))
+    assert decision.model == "poor"
+    assert "pinned" in decision.reason
+    assert UtilityStrategy(W).choose(_q(model="baseline"), _opts(best, baseline=("baseline",))).model == "baseline"
+
+
+def test_baseline_is_excluded_from_auto_routing() -> None:
+    base = _c("base", fit=1.0, quality=1.0, latency_ms=1.0)
+    small = _c("small", fit=0.2)
+    decision = UtilityStrategy(W).choose(_q(), _opts(base, small, baseline=("base",)))
+    assert decision.model == "small"
+
+
+def test_baseline_is_used_when_nothing_else_exists() -> None:
+    decision = UtilityStrategy(W).choose(_q(), _opts(_c("base"), baseline=("base",)))
+    assert decision is not None and decision.model == "base"
+
+
+def test_no_options_means_no_decision() -> None:
+    assert UtilityStrategy(W).choose(_q(), []) is None
+
+
+def test_latency_slo_filters_to_the_best_meeting_model() -> None:
+    slow_best = _c("slow", fit=0.95, latency_ms=800.0)
+    ok = _c("ok", fit=0.6, latency_ms=200.0)
+    fast_poor = _c("fastpoor", fit=0.3, latency_ms=100.0)
+    options = _opts(slow_best, ok, fast_poor)
+    assert UtilityStrategy(W).choose(_q(), options).model == "slow"
+    decision = UtilityStrategy(W).choose(_q(slo_latency_ms=250.0), options)
+    assert decision.model == "ok"
+    assert decision.slo_met is True
+    assert "2 models meeting" in decision.reason
+
+
+def test_energy_slo() -> None:
+    hungry = _c("hungry", fit=0.9, energy_j=5.0)
+    frugal = _c("frugal", fit=0.5, energy_j=0.5)
+    decision = UtilityStrategy(W).choose(_q(slo_energy_j=1.0), _opts(hungry, frugal))
+    assert decision.model == "frugal" and decision.slo_met
+
+
+def test_quality_slo() -> None:
+    fitting = _c("fitting", fit=0.9, quality=0.4)
+    good = _c("good", fit=0.5, quality=0.85)
+    decision = UtilityStrategy(W).choose(_q(min_quality=0.8), _opts(fitting, good))
+    assert decision.model == "good" and decision.slo_met
+
+
+def test_when_no_model_meets_the_slo_the_closest_is_chosen_and_reported() -> None:
+    far = _c("far", fit=0.95, latency_ms=2000.0)  # 300% over
+    near = _c("near", fit=0.2, latency_ms=600.0)  # 20% over
+    decision = UtilityStrategy(W).choose(_q(slo_latency_ms=500.0), _opts(far, near))
+    assert decision.model == "near"
+    assert decision.slo_met is False
+    assert "no model" in decision.reason and "SLO" in decision.reason
+    assert decision.utility == pytest.approx(utility(near, W))
+
+
+def test_closest_ties_are_broken_by_utility() -> None:
+    a = _c("a", fit=0.3, quality=0.2)
+    b = _c("b", fit=0.8, quality=0.2)
+    decision = UtilityStrategy(W).choose(_q(min_quality=0.9), _opts(a, b))
+    assert decision.model == "b" and decision.slo_met is False
+
+
+def test_slo_helpers() -> None:
+    c = _c("m", latency_ms=600.0, energy_j=2.0, quality=0.6)
+    assert meets_slo(c, _q())
+    assert meets_slo(c, _q(slo_latency_ms=600.0, slo_energy_j=2.0, min_quality=0.6))  # bounds are inclusive
+    assert not meets_slo(c, _q(slo_latency_ms=599.0))
+    assert not meets_slo(c, _q(slo_energy_j=1.9))
+    assert not meets_slo(c, _q(min_quality=0.7))
+    assert slo_shortfall(c, _q()) == 0.0
+    assert slo_shortfall(c, _q(slo_latency_ms=500.0, slo_energy_j=1.0, min_quality=0.8)) == pytest.approx(
+        0.2 + 1.0 + 0.25
+    )
+
+
+def test_make_strategy() -> None:
+    assert isinstance(make_strategy(W), UtilityStrategy)
+    assert make_strategy(W).name == "utility"
+    with pytest.raises(ValueError, match="unknown planner strategy 'nope'"):
+        make_strategy(dataclasses.replace(W, strategy="nope"))
+
+
+# -- scoring -------------------------------------------------------------------------
+
+
+def _unit(*xs: float) -> np.ndarray:
+    v = np.array(xs, dtype=np.float32)
+    return v / np.linalg.norm(v)
+
+
+def test_semantic_fit_on_unit_vectors() -> None:
+    e1, e2, e3 = _unit(1, 0, 0), _unit(0, 1, 0), _unit(0, 0, 1)
+    assert semantic_fit(e1, np.stack([e1])) == pytest.approx(1.0, abs=1e-6)
+    assert semantic_fit(e3, np.stack([e1, e2])) == pytest.approx(0.0, abs=1e-6)
+    # centroid (1,1,0)/2 has cosine 1/sqrt2 with e1; the nearest row has 1
+    assert semantic_fit(e1, np.stack([e1, e2])) == pytest.approx(0.5 / np.sqrt(2) + 0.5, abs=1e-6)
+    # on the centroid itself: cosine 1 with the centroid, 1/sqrt2 with the nearest row
+    diag = _unit(1, 1, 0)
+    assert semantic_fit(diag, np.stack([e1, e2])) == pytest.approx(0.5 + 0.5 / np.sqrt(2), abs=1e-6)
+
+
+def test_semantic_fit_ranks_the_closer_profile_higher() -> None:
+    query = _unit(1, 0.2, 0)
+    math = np.stack([_unit(1, 0, 0), _unit(0.9, 0.1, 0)])
+    chat = np.stack([_unit(0, 0, 1), _unit(0, 0.3, 1)])
+    assert semantic_fit(query, math) > semantic_fit(query, chat)
+
+
+def _view(state: ModelState, loaded_on: tuple[str, ...] = (), backlog: int = 0) -> ModelView:
+    return ModelView(state=state, profile=np.stack([_unit(1, 0)]), servable_on=("w1", "w2"), loaded_on=loaded_on,
+                     backlog=backlog)
+
+
+def test_predict_adds_cold_load_time_when_not_loaded() -> None:
+    state = ModelState(name="m", latency_ms=100.0, ms_per_token=1.0, load_s=2.0, energy_j=0.3, confidence=0.8,
+                       error_rate=0.05)
+    q = _q(max_new_tokens=16)
+    warm = predict(q, _view(state, loaded_on=("w1",)), 0.7, FleetView())
+    cold = predict(q, _view(state), 0.7, FleetView())
+    assert warm.latency_ms == pytest.approx(100.0)
+    assert cold.latency_ms == pytest.approx(100.0 + 2000.0)
+    assert warm.loaded and not cold.loaded
+    assert (warm.fit, warm.energy_j, warm.quality, warm.error_rate) == (0.7, 0.3, 0.8, 0.05)
+
+
+def test_predict_adds_queue_time_with_backlog() -> None:
+    state = ModelState(name="m", latency_ms=100.0, ms_per_token=1.0)
+    q = _q(max_new_tokens=16)
+    one = predict(q, _view(state, loaded_on=("w1",), backlog=3), 0.5, FleetView())
+    two = predict(q, _view(state, loaded_on=("w1", "w2"), backlog=3), 0.5, FleetView())
+    assert one.latency_ms == pytest.approx(100.0 + 3 * 100.0)
+    assert two.latency_ms == pytest.approx(100.0 + 3 * 100.0 / 2)  # replicas share the backlog
+    assert one.queue == 3
+
+
+def test_predict_uses_priors_without_telemetry() -> None:
+    q = _q(max_new_tokens=20)
+    c = predict(q, _view(ModelState(name="new")), 0.4, FleetView())
+    assert c.latency_ms == pytest.approx(DEFAULT_MS_PER_TOKEN * 20 + 1000.0 * DEFAULT_LOAD_S)
+    assert c.energy_j == pytest.approx(DEFAULT_ENERGY_PER_TOKEN_J * 20)
+    assert c.quality == 0.5
+    assert c.model == "new"
+
+
+def test_predict_scales_per_token_cost_for_long_asks() -> None:
+    state = ModelState(name="m", latency_ms=10.0, ms_per_token=4.0, energy_per_token_j=0.01)
+    c = predict(_q(max_new_tokens=64), _view(state, loaded_on=("w1",)), 0.5, FleetView())
+    assert c.latency_ms == pytest.approx(4.0 * 8)  # at least ms_per_token * min(tokens, 8)
+    assert c.energy_j == pytest.approx(0.01 * 64)

@@ -1,0 +1,1 @@
+"""CALM workers: run ONNX language models and serve their work streams; nothing about routing."""

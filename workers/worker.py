@@ -1,0 +1,276 @@
+"""The worker process: hosts engines for some fleet models, serves their work streams, obeys the scheduler."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from broker.codec import decode, decode_as, encode
+from broker.consumer import StreamConsumer, ensure_group
+from broker.effects import Effects, Entry
+from broker.kb import WorkerState
+from broker.messages import Control, Result, Telemetry, Work, WorkerEvent
+from broker.runtime import ProcessRuntime
+from workers.energy import EnergyMeter, make_energy_meter
+from workers.engine import OnnxCausalLM
+from workers.engine_api import Engine
+from workers.errors import WorkerError
+from workers.fleet.spec import Fleet, ModelCard
+
+log = logging.getLogger(__name__)
+HEARTBEAT_TTL_FACTOR = 5.0
+EngineFactory = Callable[[ModelCard, Fleet], Engine]
+
+
+@dataclass(slots=True)
+class Hosted:
+    """A loaded model: its engine and the consumer that feeds it."""
+
+    card: ModelCard
+    engine: Engine
+    consumer: StreamConsumer
+    memory_mb: float
+    last_used_ms: float = field(default_factory=lambda: time.time() * 1000)
+
+
+def onnx_engine_factory(device: str, threads: int, gpu_index: int) -> EngineFactory:
+    """Engines for optimum-exported causal LMs on ``device``."""
+
+    def load(card: ModelCard, fleet: Fleet) -> Engine:
+        return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=device,
+                                 intra_op_threads=threads, eos_token=card.eos_token, gpu_index=gpu_index)
+
+    return load
+
+
+class Worker:
+    """Registers itself and its model cards, then loads, serves and evicts models as commanded."""
+
+    def __init__(self, rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None,
+                 worker_type: str = "onnx") -> None:
+        self.rt = rt
+        self.names = rt.names
+        self.settings = rt.settings
+        self.ws = rt.settings.worker
+        self.fleet = fleet
+        self.id = rt.instance
+        self.type = worker_type
+        self.cards = {c.name: c for c in fleet.models if not self.ws.models or c.name in self.ws.models}
+        missing = set(self.ws.models) - set(self.cards)
+        if missing:
+            raise WorkerError(f"models not in fleet {fleet.root}: {', '.join(sorted(missing))}")
+        self.factory = engine_factory or onnx_engine_factory(self.ws.device, self.ws.intra_op_threads,
+                                                             self.ws.gpu_index)
+        self.meter: EnergyMeter = make_energy_meter(self.ws.device, self.ws.watts_per_core, self.ws.gpu_index)
+        self.device = self.ws.device
+        self.hosted: dict[str, Hosted] = {}
+        self.inflight = 0
+        self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.cards)), thread_name_prefix="infer")
+        self._control_lock = asyncio.Lock()
+
+    # -- lifecycle -----------------------------------------------------------------
+    async def start(self) -> None:
+        """Register (clearing what a previous life of this worker id left), subscribe to control, preload."""
+        ttl = self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR
+        previous = (await self.rt.kb.workers()).get(self.id)
+        pipe = self.rt.client.pipeline(transaction=True)
+        if previous is not None:
+            for model in previous.models_loaded:
+                self.rt.kb.set_loaded(pipe, model, self.id, False)
+        for card in self.cards.values():
+            self.rt.kb.register_model(pipe, card.name, _card_fields(card))
+        self.rt.kb.register_worker(pipe, self._state(), ttl)
+        await pipe.execute()
+        await ensure_group(self.rt.client, self.names.control(self.id), self.names.GROUP_CONTROL, start="$")
+        self.rt.consumer(self.names.control(self.id), self.names.GROUP_CONTROL, handler=self.on_control,
+                         batch=16, block_ms=500)
+        self.rt.every(self.ws.heartbeat_s, self.heartbeat, "heartbeat")
+        self.rt.on_stop(self.stop)
+        for model in self.ws.preload:
+            await self.load(model, reason="preload")
+        await self._event("registered", detail=f"{self.type}/{self.device}, {len(self.cards)} models")
+        log.info("worker %s registered: %s", self.id, ", ".join(self.cards))
+
+    async def stop(self) -> None:
+        """Evict everything, tell the scheduler, and mark this worker stopped."""
+        for model in list(self.hosted):
+            await self.evict(model, reason="worker stopping")
+        await self._event("stopping")
+        pipe = self.rt.client.pipeline(transaction=True)
+        self.rt.kb.remove_worker(pipe, self.id, ())
+        await pipe.execute()
+        self.meter.close()
+        self._pool.shutdown(wait=False)
+
+    def _state(self) -> WorkerState:
+        return WorkerState(
+            id=self.id, type=self.type, device=self.device, pid=os.getpid(), host=socket.gethostname(),
+            memory_budget_mb=float(self.ws.memory_mb), memory_used_mb=self.memory_used_mb,
+            models_loaded=tuple(self.hosted), models_servable=tuple(self.cards), heartbeat_ms=time.time() * 1000,
+        )
+
+    @property
+    def memory_used_mb(self) -> float:
+        return sum(h.memory_mb for h in self.hosted.values())
+
+    async def heartbeat(self) -> None:
+        pipe = self.rt.client.pipeline(transaction=False)
+        self.rt.kb.heartbeat(
+            pipe, self.id, self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR, models_loaded=list(self.hosted),
+            memory_used_mb=f"{self.memory_used_mb:.1f}", inflight=self.inflight, state="up",
+            last_used={m: h.last_used_ms for m, h in self.hosted.items()},
+        )
+        await pipe.execute()
+
+    async def _event(self, event: str, model: str = "", detail: str = "", memory_mb: float = 0.0) -> None:
+        message = WorkerEvent(worker=self.id, event=event, model=model, detail=detail, memory_mb=memory_mb,
+                              at_ms=time.time() * 1000)
+        await self.rt.client.xadd(self.names.sched, encode(message), maxlen=self.settings.streams.maxlen)
+
+    # -- control -------------------------------------------------------------------
+    async def on_control(self, entry: Entry) -> Effects:
+        command = decode_as(Control, entry.fields, entry.id, entry.stream)
+        if command.action == "load":
+            await self.load(command.model, reason=command.reason)
+        elif command.action == "evict":
+            await self.evict(command.model, reason=command.reason)
+        else:
+            return Effects().dead_letter(self.names, entry, f"unknown control action {command.action!r}", "worker")
+        return Effects()
+
+    async def load(self, model: str, reason: str = "") -> bool:
+        """Load ``model`` and start serving its work stream; False (and a load_failed event) when impossible."""
+        async with self._control_lock:
+            if model in self.hosted:
+                await self._event("loaded", model, "already loaded", self.hosted[model].memory_mb)
+                return True
+            card = self.cards.get(model)
+            problem = None
+            if card is None:
+                problem = f"model {model!r} is not servable by worker {self.id}"
+            elif self.memory_used_mb + card.memory_mb > self.ws.memory_mb:
+                problem = (f"{model} needs ~{card.memory_mb} MB; {self.memory_used_mb:.0f} of "
+                           f"{self.ws.memory_mb} MB in use")
+            if problem is None and card is not None:
+                try:
+                    engine = await asyncio.get_running_loop().run_in_executor(
+                        self._pool, self.factory, card, self.fleet)
+                except Exception as e:
+                    problem = f"loading {model} failed: {e}"
+                else:
+                    await self._host(card, engine)
+                    log.info("loaded %s in %.2fs (%.1f MB) [%s]", model, engine.load_s,
+                             self.hosted[model].memory_mb, reason)
+                    return True
+            log.error("%s", problem)
+            await self._event("load_failed", model, problem or "")
+            return False
+
+    async def _host(self, card: ModelCard, engine: Engine) -> None:
+        memory_mb = max(engine.memory_bytes / 2**20, 0.1)
+        stream = self.names.work(card.name)
+        await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
+        consumer = self.rt.consumer(stream, self.names.GROUP_WORKERS, handler=partial(self.serve, card.name),
+                                    batch=1, block_ms=500)
+        self.hosted[card.name] = Hosted(card, engine, consumer, memory_mb)
+        alpha = self.settings.qos.ewma_alpha
+        pipe = self.rt.client.pipeline(transaction=True)
+        self.rt.kb.set_loaded(pipe, card.name, self.id, True)
+        self.rt.kb.set_load_time(pipe, card.name, engine.load_s, alpha)
+        pipe.hset(self.names.model(card.name), "memory_mb", f"{memory_mb:.1f}")
+        await pipe.execute()
+        await self.heartbeat()
+        await self._event("loaded", card.name, f"{engine.load_s:.3f}s", memory_mb)
+
+    async def evict(self, model: str, reason: str = "") -> None:
+        """Stop serving ``model`` (finishing the request in hand), free its engine, and report the memory."""
+        async with self._control_lock:
+            hosted = self.hosted.pop(model, None)
+            if hosted is None:
+                await self._event("evicted", model, "was not loaded")
+                return
+            await self.rt.retire(hosted.consumer)
+            hosted.engine.close()
+            pipe = self.rt.client.pipeline(transaction=True)
+            self.rt.kb.set_loaded(pipe, model, self.id, False)
+            await pipe.execute()
+            await self.heartbeat()
+            await self._event("evicted", model, reason, hosted.memory_mb)
+            log.info("evicted %s, %.1f MB freed [%s]", model, hosted.memory_mb, reason)
+
+    # -- serving -------------------------------------------------------------------
+    async def serve(self, model: str, entry: Entry) -> Effects:
+        """Run one :class:`Work` item and emit its result and telemetry."""
+        message = decode(entry.fields, entry.id, entry.stream)
+        if not isinstance(message, Work):
+            return Effects().dead_letter(self.names, entry, f"expected work, got {type(message).__name__}", "worker")
+        hosted = self.hosted.get(model)
+        if hosted is None:
+            return Effects(ack=False)  # evicted meanwhile: leave it pending for another worker
+        picked_ms = time.time() * 1000
+        queue_ms = max(0.0, picked_ms - message.dispatched_ms)
+        self.inflight += 1
+        try:
+            outcome = await asyncio.get_running_loop().run_in_executor(self._pool, self._generate, hosted, message)
+        finally:
+            self.inflight -= 1
+        if self.ws.inject_delay_ms > 0:
+            await asyncio.sleep(self.ws.inject_delay_ms / 1000)
+        hosted.last_used_ms = time.time() * 1000
+        return self._outcome_effects(message, queue_ms, outcome)
+
+    def _generate(self, hosted: Hosted, work: Work) -> dict[str, Any]:
+        try:
+            token = self.meter.start()
+            gen = hosted.engine.generate(hosted.card.render(work.prompt), max_new_tokens=work.max_new_tokens,
+                                         temperature=work.temperature, seed=work.seed)
+            energy = self.meter.stop(token, gen.cpu_s)
+        except Exception as e:
+            log.exception("generation failed for %s", work.id, extra={"query_id": work.id})
+            return {"ok": False, "error": f"{type(e).__name__}: {e}"}
+        return {"ok": True, "gen": gen, "energy_j": energy}
+
+    def _outcome_effects(self, work: Work, queue_ms: float, outcome: dict[str, Any]) -> Effects:
+        now_ms = time.time() * 1000
+        maxlen = self.settings.streams.maxlen
+        if not outcome["ok"]:
+            result = Result(id=work.id, attempt=work.attempt, model=work.model, worker=self.id, ok=False,
+                            error=outcome["error"], queue_ms=queue_ms, energy_source=self.meter.source)
+            telemetry = Telemetry(model=work.model, worker=self.id, ok=False, inference_ms=0.0, queue_ms=queue_ms,
+                                  tokens_out=0, energy_j=0.0, confidence=0.0, at_ms=now_ms)
+        else:
+            gen = outcome["gen"]
+            inference_ms = gen.inference_ms + self.ws.inject_delay_ms
+            result = Result(
+                id=work.id, attempt=work.attempt, model=work.model, worker=self.id, ok=True, text=gen.text,
+                tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, queue_ms=queue_ms, inference_ms=inference_ms,
+                energy_j=outcome["energy_j"], energy_source=self.meter.source, confidence=gen.confidence,
+                finish_reason=gen.finish_reason,
+            )
+            telemetry = Telemetry(model=work.model, worker=self.id, ok=True, inference_ms=inference_ms,
+                                  queue_ms=queue_ms, tokens_out=gen.tokens_out, energy_j=outcome["energy_j"],
+                                  confidence=gen.confidence, at_ms=now_ms)
+        return (Effects().xadd(self.names.results, encode(result), maxlen=maxlen)
+                .xadd(self.names.telemetry, encode(telemetry), maxlen=maxlen))
+
+
+def _card_fields(card: ModelCard) -> dict[str, Any]:
+    return {
+        "description": card.description, "examples": list(card.examples), "domains": list(card.domains),
+        "prompt_template": card.prompt_template, "params": card.params, "memory_mb": card.memory_mb,
+        "source": card.source, "baseline": card.baseline, "quality": dict(card.quality), "eos_token": card.eos_token,
+    }
+
+
+async def start(rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None) -> Worker:
+    worker = Worker(rt, fleet, engine_factory)
+    await worker.start()
+    return worker
