@@ -7,7 +7,6 @@ import asyncio
 import json
 import os
 import signal
-import socket
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -78,6 +77,15 @@ def build_parser() -> argparse.ArgumentParser:
     _common(status)
     status.add_argument("--json", action="store_true")
     status.add_argument("--decisions", type=int, nargs="?", const=10, default=0, help="show the latest decisions")
+
+    demo = sub.add_parser("demo", help="the fleet under CALM vs the single baseline model, live, with a report")
+    _common(demo)
+    demo.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
+    demo.add_argument("--queries", default="small", help="small, medium, large or a number (default small)")
+    demo.add_argument("--rate", type=float, default=3.0, help="arrivals per second, Poisson (default 3)")
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--workers", type=int, default=1)
+    demo.add_argument("--out", help="report directory (default reports/demo-<time>)")
 
     fleet = sub.add_parser("fleet", help="build, list or export fleets")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
@@ -158,51 +166,64 @@ def cmd_worker(args: argparse.Namespace) -> int:
 def cmd_up(args: argparse.Namespace) -> int:
     from calm.fleets import fleet_dir
     from calm.roles import ROLES
-    from calm.status import wait_routable
-    from calm.supervisor import ChildSpec, Supervisor, child_env
+    from calm.system import running_system
 
     if args.workers < 1:
         raise UsageError("--workers must be at least 1")
     settings = settings_from(args)
     logs.setup("calm-up", settings.log.level, settings.log.json)
-    fleet = str(fleet_dir(settings, profile=args.profile))
+    fleet = fleet_dir(settings, profile=args.profile)
     resolved = resolve(settings.redis)
     if resolved.embedded is not None:
         print(f"embedded Valkey started at {resolved.url} (pid {resolved.embedded.pid})", flush=True)
-    passthrough = [f"--set={s}" for s in args.set]
-    if args.config:
-        passthrough.append(f"--config={args.config}")
-    worker_args = []
-    if args.memory_mb:
-        worker_args.append(f"--memory-mb={args.memory_mb}")
-    if args.device:
-        worker_args.append(f"--device={args.device}")
-    host = socket.gethostname()
-    specs = [ChildSpec(role, ["actor", role, *passthrough]) for role in ROLES]
-    specs += [ChildSpec(f"worker-{i}", ["worker", f"--id={host}-w{i}", *worker_args, *passthrough])
-              for i in range(1, args.workers + 1)]
-    env = child_env(dict(os.environ), resolved.url, settings.redis.prefix, fleet)
 
     async def run() -> int:
-        supervisor = Supervisor(specs, env)
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
-        try:
-            await supervisor.start()
-            await wait_routable(settings, resolved.url, args.workers)
+        async with running_system(settings, resolved.url, fleet, _system_spec(args)):
             print(f"CALM ready: {len(ROLES)} actors and {args.workers} worker(s) on {_redact(resolved.url)}, "
                   f"prefix {settings.redis.prefix!r}, fleet {fleet} (supervisor pid {os.getpid()})", flush=True)
             await stop.wait()
-        finally:
-            await supervisor.stop()
         return EXIT_OK
 
     try:
         return asyncio.run(run())
     finally:
         resolved.close()
+
+
+def _system_spec(args: argparse.Namespace) -> Any:
+    from calm.system import SystemSpec
+
+    passthrough = [f"--set={s}" for s in args.set]
+    if args.config:
+        passthrough.append(f"--config={args.config}")
+    return SystemSpec(workers=args.workers, memory_mb=args.memory_mb, device=args.device,
+                      passthrough=tuple(passthrough))
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from calm.demo import DemoOptions, run_demo, show
+    from calm.fleets import fleet_dir
+
+    settings = settings_from(args)
+    logs.setup("calm-demo", settings.log.level if args.log_level else "WARNING", settings.log.json)
+    resolved = resolve(settings.redis)
+    if resolved.embedded is not None:
+        print(f"embedded Valkey started at {resolved.url} (pid {resolved.embedded.pid})", flush=True)
+    try:
+        fleet = fleet_dir(settings, profile=args.profile)
+        options = DemoOptions(queries=args.queries, rate_qps=args.rate, seed=args.seed, workers=args.workers,
+                              out=Path(args.out) if args.out else None,
+                              child_log_level=settings.log.level if args.log_level else "WARNING")
+        out, report = asyncio.run(run_demo(settings, resolved.url, fleet, options))
+    finally:
+        resolved.close()
+    show(report)
+    print(out)
+    return EXIT_OK
 
 
 def cmd_query(args: argparse.Namespace) -> int:
@@ -294,7 +315,7 @@ def cmd_fleet_export(args: argparse.Namespace) -> int:
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
-    "up": cmd_up, "actor": cmd_actor, "worker": cmd_worker, "query": cmd_query, "status": cmd_status,
+    "up": cmd_up, "demo": cmd_demo, "actor": cmd_actor, "worker": cmd_worker, "query": cmd_query, "status": cmd_status,
     "fleet build": cmd_fleet_build, "fleet list": cmd_fleet_list, "fleet export": cmd_fleet_export,
 }
 

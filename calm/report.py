@@ -1,0 +1,190 @@
+"""Turns recorded replies into the contract's report: per strategy and per domain, plus a comparison."""
+
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+from collections import Counter
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from calm.loadgen import Run
+from workers.fleet.quality import metric_for, score
+
+
+def percentile(values: Sequence[float], q: float) -> float | None:
+    """Nearest-rank percentile (``q`` in 0..100); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = max(0, min(len(ordered) - 1, round(q / 100 * len(ordered) + 0.5) - 1))
+    return round(ordered[rank], 3)
+
+
+def quality_of(domain: str, text: str, reference: str) -> float:
+    """Quality in 0..1: exact match, or chrF / 100 for continuation domains."""
+    value = score(domain, text, reference)
+    return value / 100.0 if metric_for(domain) == "chrf" else value
+
+
+def stats(rows: list[dict[str, Any]], duration_s: float, cold_loads: int) -> dict[str, Any]:
+    """The contract's STATS for a set of (item, reply) rows."""
+    ok = [r for r in rows if r["reply"] and r["reply"].get("status") == "ok"]
+
+    def floats(key: str) -> list[float]:
+        return [float(r["reply"][key]) for r in ok if r["reply"].get(key) not in (None, "")]
+
+    latency = floats("latency_ms")
+    route = floats("route_ms")
+    energy = floats("energy_j")
+    sources = Counter(r["reply"].get("energy_source", "") for r in ok)
+    quality = [r["quality"] for r in rows]
+    return {
+        "queries": len(rows),
+        "replied": sum(1 for r in rows if r["reply"]),
+        "errors": sum(1 for r in rows if r["reply"] and r["reply"].get("status") != "ok"),
+        "latency_p50_ms": percentile(latency, 50),
+        "latency_p95_ms": percentile(latency, 95),
+        "latency_p99_ms": percentile(latency, 99),
+        "queue_ms_p50": percentile(floats("queue_ms"), 50),
+        "inference_ms_p50": percentile(floats("inference_ms"), 50),
+        "throughput_qps": round(len(ok) / duration_s, 3) if duration_s > 0 else None,
+        "energy_j_per_query": round(statistics.fmean(energy), 5) if energy else None,
+        "energy_source": sources.most_common(1)[0][0] if sources else "",
+        "quality": round(statistics.fmean(quality), 4) if quality else None,
+        "route_ms_p50": percentile(route, 50),
+        "route_ms_p99": percentile(route, 99),
+        "cache_hits": sum(1 for r in ok if r["reply"].get("cached") == "1"),
+        "cold_loads": cold_loads,
+        "routed": dict(Counter(r["reply"].get("model", "") for r in ok)),
+    }
+
+
+def strategy_report(run: Run, loads: Iterable[tuple[float, str]]) -> dict[str, Any]:
+    """Overall and per-domain STATS of one run; ``loads`` are (ms, model) cold loads seen during it."""
+    rows: list[dict[str, Any]] = []
+    for qid, item in zip(run.ids, run.items, strict=True):
+        reply = run.replies.get(qid)
+        text = reply.get("text", "") if reply and reply.get("status") == "ok" else ""
+        rows.append({"item": item, "reply": reply, "quality": quality_of(item.domain, text, item.reference)})
+    window = [m for t, m in loads if run.started_ms <= t <= run.ended_ms]
+    duration_s = (run.ended_ms - run.started_ms) / 1000
+    out: dict[str, Any] = {"overall": stats(rows, duration_s, len(window)), "domains": {}}
+    for domain in sorted({r["item"].domain for r in rows}):
+        mine = [r for r in rows if r["item"].domain == domain]
+        models = {r["reply"].get("model") for r in mine if r["reply"]}
+        domain_stats = stats(mine, duration_s, sum(1 for m in window if m in models))
+        domain_stats["quality_metric"] = metric_for(domain)
+        out["domains"][domain] = domain_stats
+    out["duplicates"] = run.duplicates
+    out["pinned"] = run.pinned
+    return out
+
+
+def change_pct(new: float | None, base: float | None) -> float | None:
+    if new is None or base in (None, 0):
+        return None
+    assert base is not None
+    return round(100.0 * (new - base) / base, 1)
+
+
+def comparison(strategies: dict[str, Any], baseline: str = "single") -> dict[str, Any]:
+    """Each strategy's change against ``baseline`` in %, overall and per domain."""
+    base = strategies.get(baseline)
+    if base is None:
+        return {}
+    keys = ("latency_p50_ms", "latency_p95_ms", "energy_j_per_query", "quality")
+    out: dict[str, Any] = {}
+    for name, rep in strategies.items():
+        if name == baseline:
+            continue
+        out[name] = {"overall": {k: change_pct(rep["overall"][k], base["overall"][k]) for k in keys},
+                     "domains": {d: {k: change_pct(s[k], base["domains"].get(d, {}).get(k)) for k in keys}
+                                 for d, s in rep["domains"].items()}}
+    return out
+
+
+def machine_info() -> dict[str, Any]:
+    import os
+
+    import onnxruntime
+
+    return {"python": platform.python_version(), "platform": platform.platform(), "cpus": os.cpu_count(),
+            "onnxruntime": onnxruntime.__version__, "providers": onnxruntime.get_available_providers(),
+            "at": datetime.now(UTC).isoformat(timespec="seconds")}
+
+
+def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
+    """Write report.json, report.md and (when matplotlib is installed) plots; returns the directory."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
+    return out_dir
+
+
+def _fmt(value: Any, digits: int = 1) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.{digits}f}"
+    return str(value)
+
+
+def table_rows(report: dict[str, Any]) -> list[list[str]]:
+    """Rows of the summary table: strategy, domain, queries, routing, latency, energy, quality, changes."""
+    rows = []
+    changes = report.get("comparison", {})
+    for name, rep in report["strategies"].items():
+        for domain, s in [("overall", rep["overall"]), *rep["domains"].items()]:
+            change = changes.get(name, {})
+            delta = (change.get("overall") if domain == "overall" else change.get("domains", {}).get(domain)) or {}
+            routed = " ".join(f"{m}:{c}" for m, c in sorted(s["routed"].items()))
+            rows.append([name, domain, str(s["queries"]), routed, _fmt(s["latency_p50_ms"]), _fmt(s["latency_p95_ms"]),
+                         _fmt(s["energy_j_per_query"], 4), _fmt(s["quality"], 3),
+                         _pct(delta.get("latency_p50_ms")), _pct(delta.get("energy_j_per_query")),
+                         _pct(delta.get("quality"))])
+    return rows
+
+
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{value:+.1f}%"
+
+
+HEADERS = ["strategy", "domain", "n", "routed to", "p50 ms", "p95 ms", "J/query", "quality", "Δp50", "ΔJ", "ΔQ"]
+
+
+def _sources(report: dict[str, Any]) -> str:
+    return ", ".join(sorted({rep["overall"]["energy_source"] for rep in report["strategies"].values()}))
+
+
+def markdown(report: dict[str, Any]) -> str:
+    lines = [f"# {report.get('title', 'CALM report')}", "", f"Fleet: `{report['fleet'].get('root', '')}`  ",
+             f"Machine: {report['machine'].get('platform')} ({report['machine'].get('cpus')} CPUs), "
+             f"onnxruntime {report['machine'].get('onnxruntime')}  ",
+             f"Workload: {report.get('workload', {})}", "",
+             f"Energy source: {_sources(report)}. Δ columns: change against `single`.", "",
+             "| " + " | ".join(HEADERS) + " |", "|" + "---|" * len(HEADERS)]
+    for row in table_rows(report):
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Energy source `estimate` = CPU seconds of the inference thread × watts per core "
+              "(configurable, `worker.watts_per_core`); `nvml` = GPU energy counter; `rapl` = CPU package counter.",
+              "Quality: exact match (arithmetic, sorting) or chrF/100 (code, prose) on held-out prompts.", ""]
+    return "\n".join(lines)
+
+
+def print_table(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=report.get("title", "CALM report"),
+                  caption=f"energy source: {_sources(report)}; Δ = change against single")
+    for h in HEADERS:
+        table.add_column(h)
+    for row in table_rows(report):
+        table.add_row(*row)
+    console = Console()
+    console.width = max(console.width, 130)
+    console.print(table)
