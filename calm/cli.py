@@ -105,7 +105,31 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--prompt-template", default="{prompt}")
     export.add_argument("--domains", nargs="*", default=[])
     export.add_argument("--int8", action="store_true")
+    for module in _command_modules():
+        module.register(sub, _common)
     return parser
+
+
+# Further commands live in their own modules, each with ``register(subparsers, add_common)`` and ``COMMANDS``.
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def _command_modules() -> list[Any]:
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
+
+
+def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
+    key = args.command
+    if args.command == "fleet":
+        key = f"fleet {args.fleet_command}"
+    elif getattr(args, "subcommand", None):
+        key = f"{args.command} {args.subcommand}"
+    table = dict(COMMANDS)
+    for module in _command_modules():
+        table.update(module.COMMANDS)
+    return table[key]
 
 
 def settings_from(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Settings:
@@ -125,8 +149,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
-        handler = COMMANDS[args.command if args.command != "fleet" else f"fleet {args.fleet_command}"]
-        return handler(args)
+        return _handler(args)(args)
     except UsageError as e:
         print(f"calm: {e}", file=sys.stderr)
         return EXIT_USAGE
