@@ -74,6 +74,9 @@ class PlannerSettings:
     cold_load_penalty: float = 0.05
     latency_scale_ms: float = 1000.0  # latency normalisation: utility loses w_latency per scale
     energy_scale_j: float = 1.0
+    explore_interval_s: float = 10.0  # probe a near-best model whose QoS is older than this, once per interval
+    explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
+    route_to_baseline: bool = False  # let automatic routing choose models marked baseline
 
 
 @dataclass(frozen=True, slots=True)
@@ -81,6 +84,26 @@ class ExecutorSettings:
     attempt_timeout_s: float = 60.0
     max_attempts: int = 3
     sweep_interval_ms: int = 500
+
+
+@dataclass(frozen=True, slots=True)
+class CacheSettings:
+    exact: bool = True
+    semantic: bool = True
+    greedy_only: bool = True  # sampled replies (temperature > 0) are not reused
+    exact_ttl_s: int = 3600
+    semantic_ttl_s: int = 3600
+    semantic_threshold: float = 0.95  # cosine; per-domain overrides below
+    domain_thresholds: str = "arithmetic=0.97,sorting=0.97,code=0.96,prose=0.93"
+    max_entries_per_domain: int = 2000
+    max_exact_entries: int = 100_000
+
+    def threshold(self, domain: str) -> float:
+        for part in self.domain_thresholds.split(","):
+            name, _, value = part.partition("=")
+            if name.strip() == domain and value.strip():
+                return float(value)
+        return self.semantic_threshold
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,6 +117,9 @@ class SchedulerSettings:
 class QoSSettings:
     ewma_alpha: float = 0.2
     window: int = 100
+    stale_tau_s: float = 10.0  # a sample after this long a gap counts ~63 % (re-learn idle models fast)
+    learn_min_confidence: float = 0.6  # replies at least this confident teach the model's learned centroid
+    learn_flush_s: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -130,6 +156,7 @@ class Settings:
     ingress: IngressSettings = field(default_factory=IngressSettings)
     planner: PlannerSettings = field(default_factory=PlannerSettings)
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)
+    cache: CacheSettings = field(default_factory=CacheSettings)
     scheduler: SchedulerSettings = field(default_factory=SchedulerSettings)
     qos: QoSSettings = field(default_factory=QoSSettings)
     worker: WorkerSettings = field(default_factory=WorkerSettings)

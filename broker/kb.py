@@ -20,9 +20,18 @@ QOS_FIELDS = ("latency_ms", "queue_ms", "ms_per_token", "tokens_per_s", "energy_
               "confidence", "error_rate")
 
 # EWMA update of several hash fields at once: KEYS[1] hash; ARGV[1] alpha, then field/value pairs.
+# ARGV[2] now (ms) and ARGV[3] tau (ms): after a gap without samples the new sample weighs more
+# (alpha_eff = max(alpha, 1 - exp(-gap / tau))), so a model that was idle is re-learned quickly. tau 0: plain.
 _EWMA_LUA = """
 local alpha = tonumber(ARGV[1])
-for i = 2, #ARGV, 2 do
+local now = tonumber(ARGV[2])
+local tau = tonumber(ARGV[3])
+if tau > 0 then
+  local last = tonumber(redis.call('HGET', KEYS[1], 'qos_at_ms'))
+  if last then alpha = math.max(alpha, 1 - math.exp(-math.max(0, now - last) / tau)) end
+  redis.call('HSET', KEYS[1], 'qos_at_ms', ARGV[2])
+end
+for i = 4, #ARGV, 2 do
   local f = ARGV[i]
   local x = tonumber(ARGV[i + 1])
   local old = tonumber(redis.call('HGET', KEYS[1], f))
@@ -68,6 +77,9 @@ class ModelState:
     requests: int = 0
     errors: int = 0
     load_s: float | None = None
+    qos_at_ms: float | None = None  # when the last telemetry sample arrived
+    learned: bytes | None = None  # float32 centroid of queries this model served well
+    learned_n: int = 0
     loaded_on: tuple[str, ...] = ()
     profile: bytes | None = None  # float32 embedding matrix (rows: description, examples), set by the monitor
     profile_rows: int = 0
@@ -136,9 +148,13 @@ class KnowledgeBase:
         pipe.incr(self.names.kb_version)
 
     def record_qos(self, pipe: Pipeline, name: str, alpha: float, values: Mapping[str, float], ok: bool,
-                   window: int) -> None:
-        """Queue an EWMA update of the model's QoS fields plus its windows of recent values."""
-        args: list[Any] = [alpha]
+                   window: int, now_ms: float | None = None, stale_tau_s: float = 0.0) -> None:
+        """Queue an EWMA update of the model's QoS fields plus its windows of recent values.
+
+        With ``stale_tau_s`` > 0 a sample that follows a long gap weighs more (see the Lua script).
+        """
+        stamp = time.time() * 1000 if now_ms is None else now_ms
+        args: list[Any] = [alpha, f"{stamp:.0f}", f"{stale_tau_s * 1000:.0f}"]
         for key, value in values.items():
             args += [key, float(value)]
         _queue_script(pipe, self._ewma, [self.names.model(name)], args)
@@ -152,7 +168,7 @@ class KnowledgeBase:
                 pipe.ltrim(wkey, 0, window - 1)
 
     def set_load_time(self, pipe: Pipeline, name: str, load_s: float, alpha: float) -> None:
-        _queue_script(pipe, self._ewma, [self.names.model(name)], [alpha, "load_s", load_s])
+        _queue_script(pipe, self._ewma, [self.names.model(name)], [alpha, 0, 0, "load_s", load_s])
 
     def set_loaded(self, pipe: Pipeline, model: str, worker: str, loaded: bool) -> None:
         _queue_script(pipe, self._loaded, [f"{self.names.model(model)}:loaded", self.names.model(model)],
@@ -310,6 +326,9 @@ def _model_state(name: str, row: Mapping[bytes, bytes]) -> ModelState:
         requests=requests,
         errors=int(_f(row, "errors") or 0),
         load_s=_f(row, "load_s"),
+        qos_at_ms=_f(row, "qos_at_ms"),
+        learned=row.get(b"learned"),
+        learned_n=int(_f(row, "learned_n") or 0),
         loaded_on=tuple(w for w in loaded.split(",") if w),
         profile=row.get(b"profile"),
         profile_rows=int(_f(row, "profile_rows") or 0),

@@ -43,6 +43,9 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     error_rate: float
     loaded: bool
     queue: int  # work waiting or in flight for this model
+    load_ms: float = 0.0  # the cold-load part of latency_ms (0 when loaded)
+    age_s: float = 1e9  # seconds since the model's last telemetry sample
+    requests: int = 0
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):
@@ -53,6 +56,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     utility: float = 0.0
     slo_met: bool = True
     explored: bool = False
+    wanted: str = ""  # a better model the planner would have chosen had it been loaded
 
 
 class Embedded(Message, frozen=True, tag="embedded"):
@@ -70,6 +74,7 @@ class Scored(Message, frozen=True, tag="scored"):
     candidates: list[Candidate]
     domain: str = ""
     stamps: dict[str, float] = {}
+    embedding: bytes = b""
 
 
 class Planned(Message, frozen=True, tag="planned"):
@@ -79,6 +84,7 @@ class Planned(Message, frozen=True, tag="planned"):
     decision: Decision
     domain: str = ""
     stamps: dict[str, float] = {}
+    embedding: bytes = b""
 
 
 class Work(Message, frozen=True, tag="work"):
@@ -168,4 +174,5 @@ class Inflight(Message, frozen=True, tag="inflight"):
     attempt: int = 1
     dispatched_ms: float = 0.0
     stamps: dict[str, float] = {}
+    embedding: bytes = b""
 AnyMessage = Embedded | Scored | Planned | Work | Result | Telemetry | Control | WantModel | WorkerEvent | Inflight

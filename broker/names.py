@@ -108,6 +108,25 @@ class Names:
     def kb_version(self) -> str:
         return f"{self.prefix}kb:version"
 
+    def cache_exact(self, digest: str) -> str:
+        return f"{self.prefix}cache:exact:{digest}"
+
+    @property
+    def cache_exact_index(self) -> str:
+        return f"{self.prefix}cache:exact-index"
+
+    def cache_semantic(self, domain: str) -> str:
+        return f"{self.prefix}cache:semantic:{domain or 'any'}"
+
+    def faults(self, model: str) -> str:
+        """Injected faults for a model (``delay_ms``, ``error_rate``, ``confidence_scale``): chaos and tests."""
+        return f"{self.prefix}faults:{model}"
+
+    @property
+    def runtime_config(self) -> str:
+        """Hash of ``section.field`` overrides applied by running actors (``calm config set``)."""
+        return f"{self.prefix}config"
+
     @property
     def counters(self) -> str:
         return f"{self.prefix}counters"

@@ -56,7 +56,8 @@ class Analyzer:
         if message.query.model is not None:
             candidates = [c for c in candidates if c.model == message.query.model]
         stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
-        scored = Scored(query=message.query, candidates=candidates, domain=domain, stamps=stamps)
+        scored = Scored(query=message.query, candidates=candidates, domain=domain, stamps=stamps,
+                        embedding=message.embedding)
         return Effects().xadd(self.names.plan, encode(scored), maxlen=self.settings.streams.maxlen)
 
 

@@ -14,6 +14,8 @@ from broker.errors import DecodeError
 from broker.messages import Inflight, Planned, Result, Work
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
+from calm_actors.cache import Hit, ResponseCache
+from calm_actors.learning import Learner
 from calm_actors.replying import answer_dead_query, query_rejection
 
 log = logging.getLogger(__name__)
@@ -29,20 +31,40 @@ class Executor:
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._groups: set[str] = set()
+        self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)
+        self.learner = Learner(rt.client, rt.names)
 
     def install(self) -> None:
         self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, handler=self.on_planned,
                          on_dead=answer_dead_query(self.replies))
         self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
+        self.rt.every(self.settings.qos.learn_flush_s, self.learner.flush, "learn")
 
     # -- dispatch ------------------------------------------------------------------
     async def on_planned(self, entry: Entry) -> Effects:
         planned = decode_as(Planned, entry.fields, entry.id, entry.stream)
         now_ms = time.time() * 1000
         inflight = Inflight(query=planned.query, decision=planned.decision, domain=planned.domain, attempt=1,
-                            dispatched_ms=now_ms, stamps={**planned.stamps, "executor_ms": now_ms})
+                            dispatched_ms=now_ms, stamps={**planned.stamps, "executor_ms": now_ms},
+                            embedding=planned.embedding)
+        hit = await self.cache.lookup(planned.query, planned.embedding, planned.domain)
+        if hit is not None:
+            return self._cached_reply(inflight, hit)
         return await self._dispatch(inflight, Effects())
+
+    def _cached_reply(self, inflight: Inflight, hit: Hit) -> Effects:
+        query = inflight.query
+        now_ms = time.time() * 1000
+        reply = {
+            **hit.reply, "id": query.id, "status": "ok", "worker": "", "cached": True, "cache": hit.kind,
+            "cache_similarity": round(hit.similarity, 4), "latency_ms": now_ms - query.arrived_ms,
+            "route_ms": max(0.0, now_ms - query.arrived_ms), "queue_ms": 0.0, "inference_ms": 0.0, "energy_j": 0.0,
+            "error": "", "domain": inflight.domain, "slo_met": True, "reason": f"{hit.kind} cache hit",
+            "attempts": 0,
+        }
+        effects = Effects().call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
+        return effects.call(lambda p: p.hincrby(self.names.counters, f"cache_hits_{hit.kind}", 1))
 
     async def _dispatch(self, inflight: Inflight, effects: Effects) -> Effects:
         query, model = inflight.query, inflight.decision.model
@@ -77,6 +99,8 @@ class Executor:
             inflight = decode_as(Inflight, {b"m": blob})
             if result.ok:
                 self._finish(out[i], inflight, self._reply(inflight, result))
+                if result.confidence >= self.settings.qos.learn_min_confidence and inflight.embedding:
+                    self.learner.add(result.model, inflight.embedding)
             elif result.attempt >= inflight.attempt:
                 await self._retry_or_fail(out[i], inflight, f"worker {result.worker} failed: {result.error}")
         return out
@@ -97,6 +121,8 @@ class Executor:
 
     def _finish(self, effects: Effects, inflight: Inflight, reply: dict[str, Any]) -> None:
         query = inflight.query
+        if reply.get("status") == "ok":
+            effects.call(lambda p: self.cache.store(p, query, inflight.embedding, inflight.domain, reply))
         effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         effects.call(lambda p: p.hdel(self.names.inflight_data, query.id))
         effects.call(lambda p: p.zrem(self.names.inflight, query.id))
@@ -106,7 +132,8 @@ class Executor:
             log.warning("query %s attempt %d: %s; retrying", inflight.query.id, inflight.attempt, reason,
                         extra={"query_id": inflight.query.id})
             retry = Inflight(query=inflight.query, decision=inflight.decision, domain=inflight.domain,
-                             attempt=inflight.attempt + 1, dispatched_ms=inflight.dispatched_ms, stamps=inflight.stamps)
+                             attempt=inflight.attempt + 1, dispatched_ms=inflight.dispatched_ms, stamps=inflight.stamps,
+                             embedding=inflight.embedding)
             await self._dispatch(retry, effects)
             return
         final = f"{reason} (after {inflight.attempt} attempts)"

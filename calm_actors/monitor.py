@@ -134,7 +134,8 @@ class Monitor:
                     tokens_per_s=1000.0 * tokens / max(t.inference_ms, 1e-3), energy_j=t.energy_j,
                     energy_per_token_j=t.energy_j / tokens, confidence=t.confidence,
                 )
-            record = partial(self.rt.kb.record_qos, name=t.model, alpha=alpha, values=values, ok=t.ok, window=window)
+            record = partial(self.rt.kb.record_qos, name=t.model, alpha=alpha, values=values, ok=t.ok, window=window,
+                             now_ms=t.at_ms, stale_tau_s=self.settings.qos.stale_tau_s)
             effects.call(record)
             out.append(effects)
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from typing import Any
 
 from broker.codec import decode_as, encode
 from broker.effects import Effects, Entry
@@ -27,12 +28,31 @@ class Planner:
         self.names = rt.names
         self.settings = rt.settings
         self.strategy = make_strategy(rt.settings.planner)
+        self._overrides: dict[str, str] = {}
         self.view = FleetView()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def refresh(self) -> None:
         self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+        await self._reload_weights()
+
+    async def _reload_weights(self) -> None:
+        """Apply ``planner.*`` overrides from the KB's runtime config (operators retune without restarts)."""
+        raw: Any = await self.rt.client.hgetall(self.names.runtime_config)
+        overrides = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"planner.")}
+        if overrides == self._overrides:
+            return
+        try:
+            settings = self.rt.settings.replace(overrides)
+        except ValueError as e:
+            log.error("ignoring runtime planner config %s: %s", overrides, e)
+            self._overrides = overrides
+            return
+        self._overrides = overrides
+        self.settings = settings
+        self.strategy.weights = settings.planner
+        log.info("planner weights now %s", settings.planner)
 
     def install(self) -> None:
         self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored,
@@ -55,14 +75,18 @@ class Planner:
             return effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         now = time.time()
         stamps = {**message.stamps, "planner_ms": now * 1000}
-        planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps)
+        planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps,
+                          embedding=message.embedding)
         effects.xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
         explanation = self._explain(planned, message)
         effects.xadd(self.names.decisions, explanation, maxlen=self.settings.streams.decisions_maxlen)
         effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now))
         chosen = self.view.models.get(decision.model)
+        wants = [decision.wanted] if decision.wanted else []
         if chosen is None or not chosen.loaded_on:
-            want = WantModel(model=decision.model, query_id=query.id, at_ms=now * 1000)
+            wants.append(decision.model)
+        for model in wants:
+            want = WantModel(model=model, query_id=query.id, at_ms=now * 1000)
             effects.xadd(self.names.sched, encode(want), maxlen=self.settings.streams.maxlen)
         return effects
 

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Protocol
+
+import msgspec
 
 from broker.config import PlannerSettings
 from broker.messages import Candidate, Decision, Query
@@ -21,8 +24,9 @@ class Strategy(Protocol):
     """Chooses a model for a query; ``None`` means no model can serve it."""
 
     name: str
+    weights: PlannerSettings
 
-    def choose(self, query: Query, options: list[Routable]) -> Decision | None: ...
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None: ...
 
 
 def utility(c: Candidate, w: PlannerSettings) -> float:
@@ -57,28 +61,72 @@ def slo_shortfall(c: Candidate, q: Query) -> float:
     return miss
 
 
+MAX_MARGIN_SCALE = 5.0
+NEVER_SEEN_S = 1e8
+
+
+def if_loaded(c: Candidate) -> Candidate:
+    """The candidate as it would score were it already loaded (no load time, no cold penalty)."""
+    return msgspec.structs.replace(c, loaded=True, latency_ms=c.latency_ms - c.load_ms, load_ms=0.0)
+
+
 class UtilityStrategy:
-    """Highest utility among models expected to meet the query's SLOs; the closest when none can."""
+    """Highest utility among models expected to meet the query's SLOs; the closest when none can.
+
+    Residency-aware (a cold model pays its load time and a penalty, and the model that would have won
+    if loaded is reported as ``wanted``) and exploring: a near-best model whose QoS has gone stale is
+    probed with one query, at most once per ``explore_interval_s``, and only when it meets the SLOs.
+    """
 
     name = "utility"
 
     def __init__(self, weights: PlannerSettings) -> None:
         self.weights = weights
+        self._probed: dict[str, float] = {}
 
-    def choose(self, query: Query, options: list[Routable]) -> Decision | None:
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
         if query.model is not None:
             return Decision(model=query.model, reason="pinned by the query")
-        pool = [o.candidate for o in options if not o.baseline] or [o.candidate for o in options]
+        w = self.weights
+        pool = [o.candidate for o in options if w.route_to_baseline or not o.baseline]
+        pool = pool or [o.candidate for o in options]
         if not pool:
             return None
         meeting = [c for c in pool if meets_slo(c, query)]
-        if meeting:
-            best = max(meeting, key=lambda c: utility(c, self.weights))
-            return Decision(model=best.model, utility=utility(best, self.weights),
-                            reason=f"highest utility of {len(meeting)} models meeting the SLOs")
-        closest = min(pool, key=lambda c: (slo_shortfall(c, query), -utility(c, self.weights)))
-        return Decision(model=closest.model, utility=utility(closest, self.weights), slo_met=False,
-                        reason="no model is expected to meet the SLOs; chose the closest")
+        if not meeting:
+            closest = min(pool, key=lambda c: (slo_shortfall(c, query), -utility(c, w)))
+            return Decision(model=closest.model, utility=utility(closest, w), slo_met=False,
+                            reason="no model is expected to meet the SLOs; chose the closest")
+        best = max(meeting, key=lambda c: utility(c, w))
+        ideal = max(pool, key=lambda c: utility(if_loaded(c), w))
+        wanted = ideal.model if ideal.model != best.model and not ideal.loaded else ""
+        probe = self._probe(meeting, best, time.time() if now_s is None else now_s)
+        if probe is not None:
+            return Decision(model=probe.model, utility=utility(probe, w), explored=True, wanted=wanted,
+                            reason=f"exploring: QoS of {probe.model} is {probe.age_s:.0f}s old (best was {best.model})")
+        reason = f"highest utility of {len(meeting)} models meeting the SLOs"
+        if wanted:
+            reason += f"; {wanted} would fit better once loaded"
+        return Decision(model=best.model, utility=utility(best, w), reason=reason, wanted=wanted)
+
+    def _probe(self, meeting: list[Candidate], best: Candidate, now_s: float) -> Candidate | None:
+        interval = self.weights.explore_interval_s
+        if interval <= 0:
+            return None
+        best_u = utility(best, self.weights)
+
+        def close_enough(c: Candidate) -> bool:  # the older the estimate, the less it is trusted
+            trust = min(MAX_MARGIN_SCALE, max(1.0, c.age_s / interval))
+            return utility(c, self.weights) >= best_u - self.weights.explore_margin * trust
+
+        # Only models with telemetry that went stale: a model never measured keeps its optimistic prior.
+        stale = [c for c in meeting if c.model != best.model and c.loaded and interval < c.age_s < NEVER_SEEN_S
+                 and close_enough(c) and now_s - self._probed.get(c.model, 0.0) > interval]
+        if not stale:
+            return None
+        choice = max(stale, key=lambda c: c.age_s)
+        self._probed[choice.model] = now_s
+        return choice
 
 
 def make_strategy(settings: PlannerSettings) -> Strategy:

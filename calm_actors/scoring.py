@@ -13,12 +13,30 @@ DEFAULT_LOAD_S = 1.0
 DEFAULT_ENERGY_PER_TOKEN_J = 0.05
 
 
-def semantic_fit(embedding: np.ndarray, profile: np.ndarray) -> float:
-    """Blend of the cosine to the profile centroid and to the nearest profile row (description or example)."""
-    sims = profile @ embedding
-    centroid = profile.mean(axis=0)
+LEARNED_MIN_SAMPLES = 5
+
+
+def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None) -> float:
+    """Blend of the cosine to the profile centroid and to the nearest profile row (description or example).
+
+    ``learned`` (the centroid of queries the model served well) joins the profile as one more row.
+    """
+    rows = profile if learned is None else np.vstack([profile, learned[None, :]])
+    sims = rows @ embedding
+    centroid = rows.mean(axis=0)
     norm = float(np.linalg.norm(centroid)) or 1.0
     return float(0.5 * (centroid @ embedding) / norm + 0.5 * sims.max())
+
+
+def learned_row(model: ModelView) -> np.ndarray | None:
+    state = model.state
+    if state.learned is None or state.learned_n < LEARNED_MIN_SAMPLES:
+        return None
+    vector = np.frombuffer(state.learned, dtype=np.float32)
+    if vector.shape[0] != model.profile.shape[1]:
+        return None
+    norm = float(np.linalg.norm(vector))
+    return vector / norm if norm > 0 else None
 
 
 def expected_tokens(query: Query) -> int:
@@ -42,15 +60,17 @@ def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Cand
     )
     energy = state.energy_j if state.energy_j is not None else energy_per_token * tokens
     quality = state.confidence if state.confidence is not None else 0.5
+    age_s = (view.refreshed_ms - state.qos_at_ms) / 1000 if state.qos_at_ms else 1e9
     return Candidate(
         model=state.name, fit=fit, latency_ms=service_ms + queue_ms + load_ms, energy_j=energy,
-        quality=quality, error_rate=state.error_rate, loaded=loaded, queue=model.backlog,
+        quality=quality, error_rate=state.error_rate, loaded=loaded, queue=model.backlog, load_ms=load_ms,
+        age_s=max(0.0, age_s), requests=state.requests,
     )
 
 
 def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: PlannerSettings) -> list[Candidate]:
     """A candidate for every routable model."""
-    return [predict(query, m, semantic_fit(embedding, m.profile), view) for m in view.models.values()]
+    return [predict(query, m, semantic_fit(embedding, m.profile, learned_row(m)), view) for m in view.models.values()]
 
 
 def domain_of(candidates: list[Candidate], view: FleetView) -> str:

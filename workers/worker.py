@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
+import random
 import socket
 import time
 from collections.abc import Callable
@@ -28,6 +30,15 @@ from workers.fleet.spec import Fleet, ModelCard
 log = logging.getLogger(__name__)
 HEARTBEAT_TTL_FACTOR = 5.0
 EngineFactory = Callable[[ModelCard, Fleet], Engine]
+
+
+@dataclass(frozen=True, slots=True)
+class Fault:
+    """Faults injected into one model's requests (chaos testing)."""
+
+    delay_ms: float = 0.0
+    error_rate: float = 0.0
+    confidence_scale: float = 1.0
 
 
 @dataclass(slots=True)
@@ -73,6 +84,8 @@ class Worker:
         self.device = self.ws.device
         self.hosted: dict[str, Hosted] = {}
         self.inflight = 0
+        self.faults: dict[str, Fault] = {}
+        self._fault_rng = random.Random(0)
         self._pool = ThreadPoolExecutor(max_workers=max(1, len(self.cards)), thread_name_prefix="infer")
         self._control_lock = asyncio.Lock()
 
@@ -122,6 +135,7 @@ class Worker:
         return sum(h.memory_mb for h in self.hosted.values())
 
     async def heartbeat(self) -> None:
+        await self._read_faults()
         pipe = self.rt.client.pipeline(transaction=False)
         self.rt.kb.heartbeat(
             pipe, self.id, self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR, models_loaded=list(self.hosted),
@@ -129,6 +143,24 @@ class Worker:
             last_used={m: h.last_used_ms for m, h in self.hosted.items()},
         )
         await pipe.execute()
+
+    async def _read_faults(self) -> None:
+        """Pick up injected faults (``calm:faults:<model>``) for the hosted models."""
+        if not self.hosted:
+            self.faults = {}
+            return
+        pipe = self.rt.client.pipeline(transaction=False)
+        models = list(self.hosted)
+        for model in models:
+            pipe.hgetall(self.names.faults(model))
+        rows: list[Any] = await pipe.execute()
+        faults: dict[str, Fault] = {}
+        for model, row in zip(models, rows, strict=True):
+            if row:
+                values = {k.decode(): float(v) for k, v in row.items()}
+                faults[model] = Fault(values.get("delay_ms", 0.0), values.get("error_rate", 0.0),
+                                      values.get("confidence_scale", 1.0))
+        self.faults = faults
 
     async def _event(self, event: str, model: str = "", detail: str = "", memory_mb: float = 0.0) -> None:
         message = WorkerEvent(worker=self.id, event=event, model=model, detail=detail, memory_mb=memory_mb,
@@ -222,10 +254,17 @@ class Worker:
             outcome = await asyncio.get_running_loop().run_in_executor(self._pool, self._generate, hosted, message)
         finally:
             self.inflight -= 1
-        if self.ws.inject_delay_ms > 0:
-            await asyncio.sleep(self.ws.inject_delay_ms / 1000)
+        fault = self.faults.get(model, Fault())
+        delay_ms = self.ws.inject_delay_ms + fault.delay_ms
+        if delay_ms > 0:
+            await asyncio.sleep(delay_ms / 1000)
+        if outcome["ok"] and fault.error_rate > 0 and self._fault_rng.random() < fault.error_rate:
+            outcome = {"ok": False, "error": "injected fault"}
+        if outcome["ok"] and fault.confidence_scale != 1.0:
+            gen = outcome["gen"]
+            outcome["gen"] = dataclasses.replace(gen, confidence=gen.confidence * fault.confidence_scale)
         hosted.last_used_ms = time.time() * 1000
-        return self._outcome_effects(message, queue_ms, outcome)
+        return self._outcome_effects(message, queue_ms, outcome, delay_ms)
 
     def _generate(self, hosted: Hosted, work: Work) -> dict[str, Any]:
         try:
@@ -238,7 +277,7 @@ class Worker:
             return {"ok": False, "error": f"{type(e).__name__}: {e}"}
         return {"ok": True, "gen": gen, "energy_j": energy}
 
-    def _outcome_effects(self, work: Work, queue_ms: float, outcome: dict[str, Any]) -> Effects:
+    def _outcome_effects(self, work: Work, queue_ms: float, outcome: dict[str, Any], delay_ms: float = 0.0) -> Effects:
         now_ms = time.time() * 1000
         maxlen = self.settings.streams.maxlen
         if not outcome["ok"]:
@@ -248,7 +287,7 @@ class Worker:
                                   tokens_out=0, energy_j=0.0, confidence=0.0, at_ms=now_ms)
         else:
             gen = outcome["gen"]
-            inference_ms = gen.inference_ms + self.ws.inject_delay_ms
+            inference_ms = gen.inference_ms + delay_ms
             result = Result(
                 id=work.id, attempt=work.attempt, model=work.model, worker=self.id, ok=True, text=gen.text,
                 tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, queue_ms=queue_ms, inference_ms=inference_ms,

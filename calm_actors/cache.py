@@ -1,0 +1,133 @@
+"""Response cache: exact (normalised prompt + every generation parameter + pin) and semantic (same domain,
+cosine over recent prompts, refused when :mod:`calm_actors.meaning` finds a meaning-changing difference).
+
+Entries live in Redis with TTLs and caps, so every executor shares them; each executor mirrors the
+semantic entries of a domain into memory incrementally (a stream per domain read from its last id).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+import redis.asyncio as aioredis
+from redis.asyncio.client import Pipeline
+
+from broker.config import CacheSettings
+from broker.messages import Query
+from broker.names import Names
+from calm_actors.meaning import normalise, same_meaning_parts
+
+MIRROR_REFRESH_S = 0.5
+CACHED_FIELDS = ("text", "model", "tokens_in", "tokens_out", "confidence", "energy_source", "finish_reason", "domain")
+
+
+@dataclass(slots=True)
+class _Mirror:
+    """One domain's semantic entries, as read so far."""
+
+    last_id: str = "0-0"
+    refreshed: float = 0.0
+    vectors: list[np.ndarray] = field(default_factory=list)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    kind: str  # "exact" | "semantic"
+    reply: dict[str, Any]
+    similarity: float = 1.0
+
+
+def eligible(query: Query, settings: CacheSettings) -> bool:
+    return not (settings.greedy_only and query.temperature > 0)
+
+
+def params_key(query: Query) -> str:
+    return f"{query.max_new_tokens}|{query.temperature:g}|{query.model or 'auto'}"
+
+
+def exact_digest(query: Query) -> str:
+    return hashlib.sha256(f"{normalise(query.prompt)}\x00{params_key(query)}".encode()).hexdigest()
+
+
+class ResponseCache:
+    """Lookups and stores of finished replies."""
+
+    def __init__(self, client: aioredis.Redis, names: Names, settings: CacheSettings) -> None:
+        self.client = client
+        self.names = names
+        self.settings = settings
+        self._mirrors: dict[str, _Mirror] = {}
+
+    async def lookup(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
+        """An earlier reply that answers ``query``, or None."""
+        if not eligible(query, self.settings):
+            return None
+        if self.settings.exact:
+            raw: Any = await self.client.get(self.names.cache_exact(exact_digest(query)))
+            if raw is not None:
+                return Hit("exact", msgspec.msgpack.decode(raw))
+        if self.settings.semantic and embedding:
+            return await self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
+        return None
+
+    async def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
+        mirror = await self._mirror(domain)
+        if not mirror.vectors:
+            return None
+        sims = np.stack(mirror.vectors) @ vector
+        threshold = self.settings.threshold(domain)
+        now = time.time()
+        key = params_key(query)
+        for index in np.argsort(-sims):
+            similarity = float(sims[index])
+            if similarity < threshold:
+                break
+            entry = mirror.entries[index]
+            if entry["params"] != key or now - entry["at"] > self.settings.semantic_ttl_s:
+                continue
+            if same_meaning_parts(query.prompt, entry["prompt"])[0]:
+                return Hit("semantic", entry["reply"], similarity)
+        return None
+
+    async def _mirror(self, domain: str) -> _Mirror:
+        mirror = self._mirrors.setdefault(domain, _Mirror())
+        if time.monotonic() - mirror.refreshed < MIRROR_REFRESH_S:
+            return mirror
+        mirror.refreshed = time.monotonic()
+        rows: Any = await self.client.xrange(self.names.cache_semantic(domain), min=f"({mirror.last_id}", count=10_000)
+        for entry_id, fields in rows:
+            mirror.last_id = entry_id.decode()
+            entry = msgspec.msgpack.decode(fields[b"e"])
+            mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
+            mirror.entries.append(entry)
+        cap = self.settings.max_entries_per_domain
+        if len(mirror.entries) > cap:
+            del mirror.vectors[:-cap]
+            del mirror.entries[:-cap]
+        return mirror
+
+    def store(self, pipe: Pipeline, query: Query, embedding: bytes, domain: str, reply: dict[str, Any]) -> None:
+        """Queue writes that make ``reply`` (an ok reply) reusable."""
+        if not eligible(query, self.settings):
+            return
+        cached = {k: reply[k] for k in CACHED_FIELDS if k in reply}
+        now = time.time()
+        if self.settings.exact:
+            digest = exact_digest(query)
+            pipe.set(self.names.cache_exact(digest), msgspec.msgpack.encode(cached), ex=self.settings.exact_ttl_s)
+            pipe.zadd(self.names.cache_exact_index, {digest: now})
+            # Keep the newest max_exact_entries; the TTL removes the values of trimmed ones soon enough.
+            pipe.zremrangebyrank(self.names.cache_exact_index, 0, -self.settings.max_exact_entries - 1)
+        if self.settings.semantic and embedding:
+            entry = {"prompt": query.prompt, "params": params_key(query), "at": now, "reply": cached,
+                     "embedding": embedding}
+            stream = self.names.cache_semantic(domain)
+            pipe.xadd(stream, {"e": msgspec.msgpack.encode(entry)}, maxlen=self.settings.max_entries_per_domain,
+                      approximate=True)
+            pipe.expire(stream, self.settings.semantic_ttl_s)
