@@ -407,6 +407,12 @@ def _providers(device: str, gpu_index: int) -> tuple[list[Any], str]:
     if device == "cpu":
         return [_CPU_EP], "cpu"
     if device == "cuda":
+        preload = getattr(ort, "preload_dlls", None)  # CUDA/cuDNN from the nvidia-* wheels, if installed
+        if preload is not None and _CUDA_EP in available:
+            try:
+                preload()
+            except Exception as e:  # a system CUDA install works without it
+                log.debug("onnxruntime.preload_dlls failed: %s", e)
         if _CUDA_EP not in available:
             raise EngineError(
                 f"device 'cuda' asked for but {_CUDA_EP} is not available (onnxruntime {ort.__version__} "
