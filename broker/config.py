@@ -108,9 +108,37 @@ class CacheSettings:
 
 @dataclass(frozen=True, slots=True)
 class SchedulerSettings:
-    policy: str = "lru"
+    policy: str = "lru"  # lru | demand60 | static | forecast
     interval_ms: int = 1000
     worker_timeout_s: float = 10.0  # missed heartbeats for this long: worker removed
+    bucket_s: float = 10.0  # demand is counted per model (and per domain) in buckets this long
+    window_s: float = 60.0  # demand60: evict the model with the fewest requests in this window
+    forecaster: str = "holt"  # holt (double exponential smoothing) | seasonal (additive Holt-Winters)
+    alpha: float = 0.5  # level smoothing
+    beta: float = 0.1  # trend smoothing
+    gamma: float = 0.3  # seasonal smoothing
+    season_s: float = 0.0  # seasonal: cycle length (0: behaves as holt)
+    horizon_s: float = 60.0  # forecast: plan for the demand expected over this horizon
+    hysteresis: float = 0.25  # a resident model keeps its place unless a rival scores (1 + this) times more
+    min_residency_s: float = 30.0  # a model the plan prefetched stays at least this long
+    prefetch_min_requests: float = 1.0  # prefetch only models expected to get this many requests in the horizon
+    max_replicas: int = 2  # copies of one model the plan may spread over workers when one cannot keep up
+    static_models: tuple[str, ...] = ()  # static: the models to keep (empty: the most demanded so far)
+
+    def __post_init__(self) -> None:
+        if self.policy not in ("lru", "demand60", "static", "forecast"):
+            raise ConfigError(f"scheduler.policy must be lru, demand60, static or forecast, got {self.policy!r}")
+        if self.forecaster not in ("holt", "seasonal"):
+            raise ConfigError(f"scheduler.forecaster must be holt or seasonal, got {self.forecaster!r}")
+        for name in ("alpha", "beta", "gamma"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ConfigError(f"scheduler.{name} must be within [0, 1]")
+        for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"scheduler.{name} must be > 0")
+        for name in ("season_s", "hysteresis", "min_residency_s", "prefetch_min_requests"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"scheduler.{name} must be >= 0")
 
 
 @dataclass(frozen=True, slots=True)
@@ -150,6 +178,21 @@ class LogSettings:
 
 
 @dataclass(frozen=True, slots=True)
+class GatewaySettings:
+    host: str = "127.0.0.1"
+    port: int = 8080
+    timeout_s: float = 60.0  # longest wait for a query's reply before answering 504
+    max_inflight: int = 256  # queries waiting for replies at once; more are answered 429
+    api_keys: tuple[str, ...] = ()  # empty: no authentication on /v1; else a Bearer key must match one
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"gateway.port must be within 0..65535, got {self.port}")
+        if self.timeout_s <= 0 or self.max_inflight <= 0:
+            raise ConfigError("gateway.timeout_s and gateway.max_inflight must be > 0")
+
+
+@dataclass(frozen=True, slots=True)
 class Settings:
     redis: RedisSettings = field(default_factory=RedisSettings)
     streams: StreamSettings = field(default_factory=StreamSettings)
@@ -162,6 +205,7 @@ class Settings:
     worker: WorkerSettings = field(default_factory=WorkerSettings)
     paths: PathSettings = field(default_factory=PathSettings)
     log: LogSettings = field(default_factory=LogSettings)
+    gateway: GatewaySettings = field(default_factory=GatewaySettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
         """Return a copy with dotted-key overrides (``{"redis.url": "..."}``) applied."""

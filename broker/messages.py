@@ -57,6 +57,7 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     slo_met: bool = True
     explored: bool = False
     wanted: str = ""  # a better model the planner would have chosen had it been loaded
+    fallbacks: list[str] = []  # next choices, tried in order when an attempt fails or times out
 
 
 class Embedded(Message, frozen=True, tag="embedded"):

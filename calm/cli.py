@@ -87,6 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workers", type=int, default=1)
     demo.add_argument("--out", help="report directory (default reports/demo-<time>)")
 
+    config = sub.add_parser("config", help="show the settings, or retune running actors (planner weights)")
+    csub = config.add_subparsers(dest="subcommand", required=True, parser_class=Parser)
+    show = csub.add_parser("show", help="print the effective settings and the runtime overrides as JSON")
+    _common(show)
+    tune = csub.add_parser("set", help="set runtime overrides, e.g. planner.w_latency=0.5 (applied within 1 s)")
+    _common(tune)
+    tune.add_argument("pairs", nargs="+", metavar="SECTION.FIELD=VALUE")
+    unset = csub.add_parser("unset", help="remove runtime overrides")
+    _common(unset)
+    unset.add_argument("keys", nargs="+", metavar="SECTION.FIELD")
+
     fleet = sub.add_parser("fleet", help="build, list or export fleets")
     fsub = fleet.add_subparsers(dest="fleet_command", required=True, parser_class=Parser)
     build = fsub.add_parser("build", help="build a fleet (or find it in the cache); prints its directory")
@@ -337,8 +348,35 @@ def cmd_fleet_export(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_config(args: argparse.Namespace) -> int:
+    from broker.connection import sync_client
+    from broker.names import Names
+
+    settings = settings_from(args)
+    key = Names(settings.redis.prefix).runtime_config
+    if args.subcommand == "show":
+        overrides: dict[str, str] = {}
+        try:
+            raw: Any = sync_client(_server_url(settings), settings.redis).hgetall(key)
+            overrides = {k.decode(): v.decode() for k, v in raw.items()}
+        except BrokerError:
+            pass  # no server: the file/env/flag settings alone
+        print(json.dumps({"settings": settings.to_dict(), "runtime_overrides": overrides}, indent=2, default=str))
+        return EXIT_OK
+    redis = sync_client(_server_url(settings), settings.redis)
+    if args.subcommand == "set":
+        pairs = dict(p.partition("=")[::2] for p in args.pairs)
+        settings.replace(pairs)  # validates names and values before anything is written
+        redis.hset(key, mapping=pairs)
+    else:
+        redis.hdel(key, *args.keys)
+    print(json.dumps({k.decode(): v.decode() for k, v in redis.hgetall(key).items()}))  # type: ignore[union-attr]
+    return EXIT_OK
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up, "demo": cmd_demo, "actor": cmd_actor, "worker": cmd_worker, "query": cmd_query, "status": cmd_status,
+    "config show": cmd_config, "config set": cmd_config, "config unset": cmd_config,
     "fleet build": cmd_fleet_build, "fleet list": cmd_fleet_list, "fleet export": cmd_fleet_export,
 }
 

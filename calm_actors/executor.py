@@ -66,8 +66,14 @@ class Executor:
         effects = Effects().call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         return effects.call(lambda p: p.hincrby(self.names.counters, f"cache_hits_{hit.kind}", 1))
 
+    @staticmethod
+    def model_for(inflight: Inflight) -> str:
+        """Attempt 1 runs the decision; later attempts walk its fallbacks (then repeat the last choice)."""
+        order = [inflight.decision.model, *inflight.decision.fallbacks]
+        return order[min(inflight.attempt - 1, len(order) - 1)]
+
     async def _dispatch(self, inflight: Inflight, effects: Effects) -> Effects:
-        query, model = inflight.query, inflight.decision.model
+        query, model = inflight.query, self.model_for(inflight)
         stream = self.names.work(model)
         if stream not in self._groups:  # entries added before any worker joins must still be delivered
             await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
@@ -166,7 +172,7 @@ class Executor:
                 continue
             effects = Effects()
             timeout_s = self.settings.executor.attempt_timeout_s
-            reason = f"no result within {timeout_s:g}s from model {inflight.decision.model}"
+            reason = f"no result within {timeout_s:g}s from model {self.model_for(inflight)}"
             await self._retry_or_fail(effects, inflight, reason)
             pipe = self.rt.client.pipeline(transaction=True)
             for op in effects.ops:

@@ -96,18 +96,25 @@ class UtilityStrategy:
         if not meeting:
             closest = min(pool, key=lambda c: (slo_shortfall(c, query), -utility(c, w)))
             return Decision(model=closest.model, utility=utility(closest, w), slo_met=False,
-                            reason="no model is expected to meet the SLOs; chose the closest")
+                            reason="no model is expected to meet the SLOs; chose the closest",
+                            fallbacks=self._fallbacks(pool, closest.model))
         best = max(meeting, key=lambda c: utility(c, w))
         ideal = max(pool, key=lambda c: utility(if_loaded(c), w))
         wanted = ideal.model if ideal.model != best.model and not ideal.loaded else ""
         probe = self._probe(meeting, best, time.time() if now_s is None else now_s)
         if probe is not None:
             return Decision(model=probe.model, utility=utility(probe, w), explored=True, wanted=wanted,
+                            fallbacks=[best.model, *self._fallbacks(pool, probe.model, 1)],
                             reason=f"exploring: QoS of {probe.model} is {probe.age_s:.0f}s old (best was {best.model})")
         reason = f"highest utility of {len(meeting)} models meeting the SLOs"
         if wanted:
             reason += f"; {wanted} would fit better once loaded"
-        return Decision(model=best.model, utility=utility(best, w), reason=reason, wanted=wanted)
+        return Decision(model=best.model, utility=utility(best, w), reason=reason, wanted=wanted,
+                        fallbacks=self._fallbacks(pool, best.model))
+
+    def _fallbacks(self, pool: list[Candidate], chosen: str, n: int = 2) -> list[str]:
+        ranked = sorted((c for c in pool if c.model != chosen), key=lambda c: -utility(c, self.weights))
+        return [c.model for c in ranked[:n]]
 
     def _probe(self, meeting: list[Candidate], best: Candidate, now_s: float) -> Candidate | None:
         interval = self.weights.explore_interval_s

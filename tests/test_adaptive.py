@@ -1,0 +1,89 @@
+"""Self-adaptation on the live system: traffic leaves a degraded model and comes back when it recovers."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+
+from tests.calmproc import calm_up, collect, send
+
+pytestmark = pytest.mark.slow
+
+ADAPTIVE = ("--set=planner.route_to_baseline=true", "--set=planner.explore_interval_s=2",
+            "--set=qos.stale_tau_s=4", "--set=streams.reclaim_idle_ms=2000", "--set=executor.attempt_timeout_s=20")
+_counter = itertools.count()
+FAULT_PICKUP_S = 1.5  # workers read injected faults with their 1 s heartbeat
+
+
+def _prompts() -> Iterator[str]:
+    for i in itertools.count(100):
+        yield f"{i % 90 + 5}+{(i * 7) % 90 + 3}="
+
+
+def ask(client: redis.Redis, prefix: str, prompt: str) -> dict[str, str]:
+    qid = f"adaptive-{next(_counter)}"
+    send(client, prefix, prompt=prompt, id=qid, max_new_tokens="4")
+    got = collect(client, f"{prefix}replies", {qid}, timeout_s=60)
+    assert qid in got, f"no reply to {qid}"
+    return got[qid][-1]
+
+
+def test_traffic_shifts_from_a_slow_model_and_returns(tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prompts = _prompts()
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", *ADAPTIVE):
+        healthy = [ask(client, prefix, next(prompts))["model"] for _ in range(6)]
+        assert healthy[-3:] == ["arith"] * 3, healthy
+
+        client.hset(f"{prefix}faults:arith", mapping={"delay_ms": "1500"})
+        time.sleep(FAULT_PICKUP_S)
+        degraded = [ask(client, prefix, next(prompts))["model"] for _ in range(12)]
+        first_away = next((i for i, m in enumerate(degraded) if m != "arith"), None)
+        assert first_away is not None and first_away <= 6, f"traffic did not leave the slow model: {degraded}"
+        assert degraded[-4:].count("arith") <= 1, degraded  # stays away (an exploration probe at most)
+
+        client.delete(f"{prefix}faults:arith")
+        time.sleep(FAULT_PICKUP_S)
+        recovered = []
+        for _ in range(40):
+            recovered.append(ask(client, prefix, next(prompts))["model"])
+            if recovered[-3:] == ["arith"] * 3:
+                break
+            time.sleep(0.25)  # spaces the queries out so exploration probes become due
+        assert recovered[-3:] == ["arith"] * 3, f"traffic did not come back: {recovered}"
+
+
+def test_failing_model_is_retried_elsewhere_and_avoided(tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    prompts = _prompts()
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", *ADAPTIVE):
+        assert ask(client, prefix, next(prompts))["model"] == "arith"
+        client.hset(f"{prefix}faults:arith", mapping={"error_rate": "1"})
+        time.sleep(FAULT_PICKUP_S)
+        replies = [ask(client, prefix, next(prompts)) for _ in range(6)]
+        assert all(r["status"] == "ok" for r in replies), replies
+        assert replies[0]["model"] != "arith" and int(replies[0]["attempts"]) >= 2, replies[0]
+        assert all(r["model"] != "arith" for r in replies[2:]), [r["model"] for r in replies]
+        dead = client.xlen(f"{prefix}dead")
+        assert dead == 0, "failed attempts that were retried successfully are not dead letters"
+
+
+def test_repeated_and_paraphrased_queries_come_from_the_cache(tiny_fleet: Path, redis_url: str,
+                                                              prefix: str) -> None:
+    client = redis.Redis.from_url(redis_url)
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", *ADAPTIVE,
+                 "--set=cache.domain_thresholds=arithmetic=0.85"):
+        first = ask(client, prefix, "12+7=")
+        again = ask(client, prefix, "12+7=")
+        spaced = ask(client, prefix, "12 + 7 =")
+        other = ask(client, prefix, "12+8=")
+    assert first["cached"] == "0"
+    assert again["cached"] == "1" and again["cache"] == "exact" and again["text"] == first["text"]
+    assert spaced["cached"] == "1" and spaced["cache"] == "semantic" and spaced["text"] == first["text"]
+    assert other["cached"] == "0"
+    assert float(again["energy_j"]) == 0.0 and again["worker"] == ""
