@@ -18,7 +18,8 @@ from broker.errors import DecodeError
 from broker.messages import WorkerEvent
 from broker.names import Names
 from calm.loadgen import Run, replay
-from calm.report import comparison, machine_info, print_table, strategy_report, write_report
+from calm.plots import write_plots
+from calm.report import comparison, machine_info, print_table, strategy_report, write_records, write_report
 from calm.system import SystemSpec, running_system
 from calm.workload import Item, queries_for, read_eval_sets, shifting_mix
 from workers.fleet.spec import Fleet, load_fleet
@@ -100,6 +101,8 @@ async def run_demo(settings: Settings, url: str, fleet_dir: Path, options: DemoO
                      "domains": sorted({i.domain for i in items}), "workers": options.workers},
     }
     out = options.out or Path(settings.paths.reports) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
+    write_records(out, runs.values())
+    report["plots"] = [p.name for p in write_plots(out, report, runs.values())]
     return write_report(out, report), report
 
 

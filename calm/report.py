@@ -117,8 +117,21 @@ def machine_info() -> dict[str, Any]:
             "at": datetime.now(UTC).isoformat(timespec="seconds")}
 
 
+def write_records(out_dir: Path, runs: Iterable[Run]) -> Path:
+    """Every query and its reply, one JSON line each: the raw data every figure is computed from."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "replies.jsonl"
+    with path.open("w", encoding="utf-8") as fh:
+        for run in runs:
+            for qid, item in zip(run.ids, run.items, strict=True):
+                row = {"strategy": run.strategy, "id": qid, "t": item.t, "domain": item.domain, "prompt": item.prompt,
+                       "reference": item.reference, "reply": run.replies.get(qid)}
+                fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
-    """Write report.json, report.md and (when matplotlib is installed) plots; returns the directory."""
+    """Write report.json and report.md; returns the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
     (out_dir / "report.md").write_text(markdown(report), encoding="utf-8")
