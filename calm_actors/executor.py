@@ -17,6 +17,7 @@ from broker.runtime import ProcessRuntime
 from calm_actors.cache import Hit, ResponseCache
 from calm_actors.learning import Learner
 from calm_actors.replying import answer_dead_query, query_rejection
+from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +34,7 @@ class Executor:
         self._groups: set[str] = set()
         self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)
         self.learner = Learner(rt.client, rt.names)
+        self.tuning = Tuning(rt, ("cache", "executor"))
 
     def install(self) -> None:
         self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, handler=self.on_planned,
@@ -40,6 +42,14 @@ class Executor:
         self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
         self.rt.every(self.settings.qos.learn_flush_s, self.learner.flush, "learn")
+        self.rt.every(1.0, self.retune, "tuning")
+
+    async def retune(self) -> None:
+        """Pick up ``cache.*`` and ``executor.*`` overrides set with ``calm config set``."""
+        settings = await self.tuning.poll()
+        if settings is not None:
+            self.settings = settings
+            self.cache.settings = settings.cache
 
     # -- dispatch ------------------------------------------------------------------
     async def on_planned(self, entry: Entry) -> Effects:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
 
 from broker.codec import decode_as, encode
 from broker.effects import Effects, Entry
@@ -15,6 +14,7 @@ from broker.runtime import ProcessRuntime
 from calm_actors.fleetview import FleetView, load_view
 from calm_actors.planning import Routable, make_strategy, utility
 from calm_actors.replying import answer_dead_query, query_rejection
+from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
 VIEW_REFRESH_S = 0.5
@@ -28,7 +28,7 @@ class Planner:
         self.names = rt.names
         self.settings = rt.settings
         self.strategy = make_strategy(rt.settings.planner)
-        self._overrides: dict[str, str] = {}
+        self.tuning = Tuning(rt, ("planner",))
         self.view = FleetView()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
@@ -39,20 +39,18 @@ class Planner:
 
     async def _reload_weights(self) -> None:
         """Apply ``planner.*`` overrides from the KB's runtime config (operators retune without restarts)."""
-        raw: Any = await self.rt.client.hgetall(self.names.runtime_config)
-        overrides = {k.decode(): v.decode() for k, v in raw.items() if k.startswith(b"planner.")}
-        if overrides == self._overrides:
+        settings = await self.tuning.poll()
+        if settings is None:
             return
         try:
-            settings = self.rt.settings.replace(overrides)
+            strategy = make_strategy(settings.planner)
         except ValueError as e:
-            log.error("ignoring runtime planner config %s: %s", overrides, e)
-            self._overrides = overrides
+            log.error("ignoring runtime planner config: %s", e)
             return
-        self._overrides = overrides
         self.settings = settings
+        if strategy.name != self.strategy.name:
+            self.strategy = strategy
         self.strategy.weights = settings.planner
-        log.info("planner weights now %s", settings.planner)
 
     def install(self) -> None:
         self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -136,8 +138,72 @@ class UtilityStrategy:
         return choice
 
 
+class SemanticStrategy:
+    """The paper's prototype in practice: the most similar model, nothing else considered."""
+
+    name = "semantic"
+
+    def __init__(self, weights: PlannerSettings) -> None:
+        self.weights = weights
+
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
+        if query.model is not None:
+            return Decision(model=query.model, reason="pinned by the query")
+        pool = [o.candidate for o in options if not o.baseline] or [o.candidate for o in options]
+        if not pool:
+            return None
+        best = max(pool, key=lambda c: c.fit)
+        return Decision(model=best.model, utility=best.fit, reason="most similar model (semantic routing)")
+
+
+class RandomStrategy:
+    """A uniformly random non-baseline model (a control for benchmarks); seeded per query id."""
+
+    name = "random"
+
+    def __init__(self, weights: PlannerSettings) -> None:
+        self.weights = weights
+
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
+        if query.model is not None:
+            return Decision(model=query.model, reason="pinned by the query")
+        pool = sorted((o.candidate for o in options if not o.baseline), key=lambda c: c.model)
+        pool = pool or sorted((o.candidate for o in options), key=lambda c: c.model)
+        if not pool:
+            return None
+        pick = pool[random.Random(query.id).randrange(len(pool))]
+        return Decision(model=pick.model, reason="random choice")
+
+
+class RoundRobinStrategy:
+    """Non-baseline models in turn (a control for benchmarks)."""
+
+    name = "round-robin"
+
+    def __init__(self, weights: PlannerSettings) -> None:
+        self.weights = weights
+        self._next = 0
+
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
+        if query.model is not None:
+            return Decision(model=query.model, reason="pinned by the query")
+        pool = sorted((o.candidate for o in options if not o.baseline), key=lambda c: c.model)
+        pool = pool or sorted((o.candidate for o in options), key=lambda c: c.model)
+        if not pool:
+            return None
+        pick = pool[self._next % len(pool)]
+        self._next += 1
+        return Decision(model=pick.model, reason="round robin")
+
+
+STRATEGIES: dict[str, Callable[[PlannerSettings], Strategy]] = {
+    "utility": UtilityStrategy, "semantic": SemanticStrategy, "random": RandomStrategy,
+    "round-robin": RoundRobinStrategy,
+}
+
+
 def make_strategy(settings: PlannerSettings) -> Strategy:
-    strategies = {"utility": UtilityStrategy}
+    strategies = STRATEGIES
     try:
         return strategies[settings.strategy](settings)
     except KeyError:
