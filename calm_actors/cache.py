@@ -63,6 +63,7 @@ class ResponseCache:
         self.names = names
         self.settings = settings
         self._mirrors: dict[str, _Mirror] = {}
+        self._dirty: set[str] = set()  # domains this process stored into since their last refresh
 
     async def lookup(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
         """An earlier reply that answers ``query``, or None."""
@@ -97,8 +98,9 @@ class ResponseCache:
 
     async def _mirror(self, domain: str) -> _Mirror:
         mirror = self._mirrors.setdefault(domain, _Mirror())
-        if time.monotonic() - mirror.refreshed < MIRROR_REFRESH_S:
+        if time.monotonic() - mirror.refreshed < MIRROR_REFRESH_S and domain not in self._dirty:
             return mirror
+        self._dirty.discard(domain)
         mirror.refreshed = time.monotonic()
         rows: Any = await self.client.xrange(self.names.cache_semantic(domain), min=f"({mirror.last_id}", count=10_000)
         for entry_id, fields in rows:
@@ -131,3 +133,4 @@ class ResponseCache:
             pipe.xadd(stream, {"e": msgspec.msgpack.encode(entry)}, maxlen=self.settings.max_entries_per_domain,
                       approximate=True)
             pipe.expire(stream, self.settings.semantic_ttl_s)
+            self._dirty.add(domain)
