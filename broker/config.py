@@ -77,6 +77,7 @@ class PlannerSettings:
     explore_interval_s: float = 10.0  # probe a near-best model whose QoS is older than this, once per interval
     explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
     route_to_baseline: bool = False  # let automatic routing choose models marked baseline
+    max_queue_per_model: int = 256  # backpressure: a model with this much work waiting takes no more
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,6 +116,7 @@ class SchedulerSettings:
     window_s: float = 60.0  # demand60: evict the model with the fewest requests in this window
     forecaster: str = "holt"  # holt (double exponential smoothing) | seasonal (additive Holt-Winters)
     alpha: float = 0.5  # level smoothing
+    surge_alpha: float = 0.0  # > alpha: a second, quicker level whose rises count at once (0: off)
     beta: float = 0.1  # trend smoothing
     gamma: float = 0.3  # seasonal smoothing
     season_s: float = 0.0  # seasonal: cycle length (0: behaves as holt)
@@ -130,7 +132,7 @@ class SchedulerSettings:
             raise ConfigError(f"scheduler.policy must be lru, demand60, static or forecast, got {self.policy!r}")
         if self.forecaster not in ("holt", "seasonal"):
             raise ConfigError(f"scheduler.forecaster must be holt or seasonal, got {self.forecaster!r}")
-        for name in ("alpha", "beta", "gamma"):
+        for name in ("alpha", "surge_alpha", "beta", "gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"scheduler.{name} must be within [0, 1]")
         for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):

@@ -8,7 +8,7 @@ import time
 
 from broker.codec import decode_as, encode
 from broker.effects import Effects, Entry
-from broker.messages import Decision, Planned, Scored, WantModel
+from broker.messages import Decision, Planned, Query, Scored, WantModel
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.fleetview import FleetView, load_view
@@ -29,12 +29,14 @@ class Planner:
         self.settings = rt.settings
         self.strategy = make_strategy(rt.settings.planner)
         self.tuning = Tuning(rt, ("planner",))
+        self._sent: dict[str, int] = {}  # dispatched per model since the view was read (for backpressure)
         self.view = FleetView()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def refresh(self) -> None:
         self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+        self._sent = {}
         await self._reload_weights()
 
     async def _reload_weights(self) -> None:
@@ -64,13 +66,18 @@ class Planner:
             Routable(c, self.view.models[c.model].state.baseline if c.model in self.view.models else False)
             for c in message.candidates
         ]
-        decision = self.strategy.choose(query, options)
         effects = Effects()
+        limit = self.settings.planner.max_queue_per_model
+        open_options = [o for o in options if o.candidate.queue + self._sent.get(o.candidate.model, 0) < limit]
+        if options and not open_options:
+            return self._shed(query, effects)
+        decision = self.strategy.choose(query, open_options)
         if decision is None:
             reason = "no worker can serve any model right now"
             effects.dead_letter(self.names, entry, reason, "planner", self.settings.streams.dead_maxlen)
             reply = query_rejection(query, reason, status="error")
             return effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
+        self._sent[decision.model] = self._sent.get(decision.model, 0) + 1
         now = time.time()
         stamps = {**message.stamps, "planner_ms": now * 1000}
         planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps,
@@ -87,6 +94,15 @@ class Planner:
             want = WantModel(model=model, query_id=query.id, at_ms=now * 1000)
             effects.xadd(self.names.sched, encode(want), maxlen=self.settings.streams.maxlen)
         return effects
+
+    def _shed(self, query: Query, effects: Effects) -> Effects:
+        """Backpressure: every model that could serve the query is full; say so instead of queueing."""
+        limit = self.settings.planner.max_queue_per_model
+        reply = query_rejection(query, f"overloaded: every eligible model has {limit}+ queries waiting")
+        log.warning("shed query %s: overloaded", query.id, extra={"query_id": query.id})
+        effects.call(lambda p: self.replies.send_unclaimed(p, query.reply_to, reply))
+        effects.call(lambda p: p.delete(self.names.claim(query.id)))  # a retry with the same id may run later
+        return effects.call(lambda p: p.hincrby(self.names.counters, "shed_overloaded", 1))
 
     def _explain(self, planned: Planned, scored: Scored) -> dict[str, str]:
         decision: Decision = planned.decision
