@@ -77,6 +77,17 @@ def ingress_fields(fields: Mapping[bytes, bytes], entry_id: str = "", stream: st
     return out
 
 
+def readable_fields(fields: Mapping[bytes, bytes]) -> dict[str, str]:
+    """The plain fields that are valid UTF-8, ignoring the rest: enough to address a rejection."""
+    out: dict[str, str] = {}
+    for key, value in fields.items():
+        try:
+            out[key.decode("utf-8")] = value.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+    return out
+
+
 def plain_fields(values: Mapping[str, Any]) -> dict[str, str]:
     """Egress: every value as a plain string (bools as 0/1, floats rounded, None as empty)."""
     out: dict[str, str] = {}

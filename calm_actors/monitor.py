@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.codec import decode_as, encode, ingress_fields
+from broker.codec import decode_as, encode, ingress_fields, readable_fields
 from broker.effects import Effects, Entry
 from broker.errors import DecodeError, ValidationError
 from broker.ingress import entry_ms, parse_query, query_id, reply_stream
@@ -89,7 +89,7 @@ class Monitor:
             values = ingress_fields(entry.fields, entry.id, entry.stream)
             return parse_query(values, entry.id, self.names, self.settings.ingress)
         except (DecodeError, ValidationError) as e:
-            self._reject(entry, values, str(e), effects)
+            self._reject(entry, values or readable_fields(entry.fields), str(e), effects)
             return None
 
     def _reject(self, entry: Entry, values: dict[str, Any], reason: str, effects: Effects) -> None:
