@@ -67,15 +67,23 @@ class ResponseCache:
 
     async def lookup(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
         """An earlier reply that answers ``query``, or None."""
-        if not eligible(query, self.settings):
-            return None
-        if self.settings.exact:
-            raw: Any = await self.client.get(self.names.cache_exact(exact_digest(query)))
-            if raw is not None:
-                return Hit("exact", msgspec.msgpack.decode(raw))
-        if self.settings.semantic and embedding:
-            return await self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
-        return None
+        return (await self.lookup_many([(query, embedding, domain)]))[0]
+
+    async def lookup_many(self, asks: list[tuple[Query, bytes, str]]) -> list[Hit | None]:
+        """Lookups for a batch: one MGET for the exact entries, then the semantic mirrors in memory."""
+        hits: list[Hit | None] = [None] * len(asks)
+        todo = [i for i, (q, _, _) in enumerate(asks) if eligible(q, self.settings)]
+        if self.settings.exact and todo:
+            raws: Any = await self.client.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
+            for i, raw in zip(todo, raws, strict=True):
+                if raw is not None:
+                    hits[i] = Hit("exact", msgspec.msgpack.decode(raw))
+        if self.settings.semantic:
+            for i in todo:
+                query, embedding, domain = asks[i]
+                if hits[i] is None and embedding:
+                    hits[i] = await self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
+        return hits
 
     async def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
         mirror = await self._mirror(domain)

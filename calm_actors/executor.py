@@ -37,7 +37,7 @@ class Executor:
         self.tuning = Tuning(rt, ("cache", "executor"))
 
     def install(self) -> None:
-        self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, handler=self.on_planned,
+        self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, batch_handler=self.on_planned_batch,
                          on_dead=answer_dead_query(self.replies))
         self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
@@ -52,16 +52,25 @@ class Executor:
             self.cache.settings = settings.cache
 
     # -- dispatch ------------------------------------------------------------------
-    async def on_planned(self, entry: Entry) -> Effects:
-        planned = decode_as(Planned, entry.fields, entry.id, entry.stream)
+    async def on_planned_batch(self, entries: list[Entry]) -> Sequence[Effects]:
+        """Answer from the cache what it can (one MGET for the batch) and dispatch the rest."""
+        out = [Effects() for _ in entries]
+        planned: list[tuple[int, Planned]] = []
+        for i, entry in enumerate(entries):
+            try:
+                planned.append((i, decode_as(Planned, entry.fields, entry.id, entry.stream)))
+            except DecodeError as e:
+                out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
+        hits = await self.cache.lookup_many([(p.query, p.embedding, p.domain) for _, p in planned])
         now_ms = time.time() * 1000
-        inflight = Inflight(query=planned.query, decision=planned.decision, domain=planned.domain, attempt=1,
-                            dispatched_ms=now_ms, stamps={**planned.stamps, "executor_ms": now_ms},
-                            embedding=planned.embedding)
-        hit = await self.cache.lookup(planned.query, planned.embedding, planned.domain)
-        if hit is not None:
-            return self._cached_reply(inflight, hit)
-        return await self._dispatch(inflight, Effects())
+        for (i, p), hit in zip(planned, hits, strict=True):
+            inflight = Inflight(query=p.query, decision=p.decision, domain=p.domain, attempt=1, dispatched_ms=now_ms,
+                                stamps={**p.stamps, "executor_ms": now_ms}, embedding=p.embedding)
+            if hit is not None:
+                out[i] = self._cached_reply(inflight, hit)
+            else:
+                await self._dispatch(inflight, out[i])
+        return out
 
     def _cached_reply(self, inflight: Inflight, hit: Hit) -> Effects:
         query = inflight.query

@@ -6,6 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
@@ -22,10 +23,12 @@ from broker.messages import Embedded, Query, Telemetry
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
+from calm_actors.meaning import normalise
 from calm_actors.replying import rejection
 
 log = logging.getLogger(__name__)
 PROFILE_REFRESH_S = 1.0
+EMBEDDING_CACHE = 10_000  # prompts whose embedding the monitor keeps (repeats skip the embedder)
 
 
 class Monitor:
@@ -40,6 +43,7 @@ class Monitor:
                                  rt.settings.streams.replies_maxlen)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._profiled: dict[str, str] = {}
+        self._embeddings: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()
 
     def install(self) -> None:
@@ -75,13 +79,27 @@ class Monitor:
             # "wait": the first copy is in flight; its delivery also answers this reply stream.
         if fresh:
             stamp = time.time() * 1000
-            vectors = await asyncio.get_running_loop().run_in_executor(
-                self._pool, self.embedder.embed, [q.prompt for _, q in fresh]
-            )
+            vectors = await self._embed([q.prompt for _, q in fresh])
             for (i, query), vector in zip(fresh, vectors, strict=True):
-                message = Embedded(query=query, embedding=vector.tobytes(), stamps={"monitor_ms": stamp})
+                message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp})
                 effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
+
+    async def _embed(self, prompts: list[str]) -> list[bytes]:
+        """Embeddings of ``prompts``; repeated prompts come from a bounded in-memory LRU, the rest in one batch."""
+        keys = [normalise(p) for p in prompts]
+        missing = sorted({k for k in keys if k not in self._embeddings})
+        if missing:
+            vectors = await asyncio.get_running_loop().run_in_executor(self._pool, self.embedder.embed, missing)
+            for key, vector in zip(missing, vectors, strict=True):
+                self._embeddings[key] = vector.tobytes()
+        out = []
+        for key in keys:
+            self._embeddings.move_to_end(key)
+            out.append(self._embeddings[key])
+        while len(self._embeddings) > EMBEDDING_CACHE:
+            self._embeddings.popitem(last=False)
+        return out
 
     def _validate(self, entry: Entry, effects: Effects) -> Query | None:
         values: dict[str, Any] = {}
