@@ -117,6 +117,8 @@ class SchedulerSettings:
     forecaster: str = "holt"  # holt (double exponential smoothing) | seasonal (additive Holt-Winters)
     alpha: float = 0.5  # level smoothing
     surge_alpha: float = 0.0  # > alpha: a second, quicker level whose rises count at once (0: off)
+    restart_p: float = 0.0  # a bucket this improbable under the forecast (Poisson) restarts the level (0: off)
+    shift_prior: float = 0.05  # prior that a model's demand has stopped: silence discounts its forecast (0: off)
     beta: float = 0.1  # trend smoothing
     gamma: float = 0.3  # seasonal smoothing
     season_s: float = 0.0  # seasonal: cycle length (0: behaves as holt)
@@ -132,7 +134,7 @@ class SchedulerSettings:
             raise ConfigError(f"scheduler.policy must be lru, demand60, static or forecast, got {self.policy!r}")
         if self.forecaster not in ("holt", "seasonal"):
             raise ConfigError(f"scheduler.forecaster must be holt or seasonal, got {self.forecaster!r}")
-        for name in ("alpha", "surge_alpha", "beta", "gamma"):
+        for name in ("alpha", "surge_alpha", "restart_p", "shift_prior", "beta", "gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"scheduler.{name} must be within [0, 1]")
         for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):

@@ -122,7 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Further commands live in their own modules, each with ``register(subparsers, add_common)`` and ``COMMANDS``.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("calm.gateway.cli",)
 
 
 def _command_modules() -> list[Any]:

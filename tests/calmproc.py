@@ -72,6 +72,8 @@ def calm_up(url: str, prefix: str, fleet: Path, *args: str, ready_timeout_s: flo
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait(timeout=10)
                 raise AssertionError("calm up did not stop on SIGTERM:\n" + "\n".join(output[-60:])) from None
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def send(client: redis.Redis, prefix: str, **fields: str) -> str:
