@@ -115,17 +115,14 @@ class SchedulerSettings:
     bucket_s: float = 10.0  # demand is counted per model (and per domain) in buckets this long
     window_s: float = 60.0  # demand60: evict the model with the fewest requests in this window
     forecaster: str = "holt"  # holt (double exponential smoothing) | seasonal (additive Holt-Winters)
-    alpha: float = 0.5  # level smoothing
-    surge_alpha: float = 0.0  # > alpha: a second, quicker level whose rises count at once (0: off)
-    restart_p: float = 0.0  # a bucket this improbable under the forecast (Poisson) restarts the level (0: off)
-    shift_prior: float = 0.05  # prior that a model's demand has stopped: silence discounts its forecast (0: off)
-    beta: float = 0.1  # trend smoothing
+    alpha: float = 0.3  # level smoothing
+    beta: float = 0.02  # trend smoothing (counts per bucket are noisy: keep it small)
     gamma: float = 0.3  # seasonal smoothing
     season_s: float = 0.0  # seasonal: cycle length (0: behaves as holt)
-    horizon_s: float = 60.0  # forecast: plan for the demand expected over this horizon
+    horizon_s: float = 20.0  # forecast: plan for the demand expected over this horizon
     hysteresis: float = 0.25  # a resident model keeps its place unless a rival scores (1 + this) times more
     min_residency_s: float = 30.0  # a model the plan prefetched stays at least this long
-    prefetch_min_requests: float = 1.0  # prefetch only models expected to get this many requests in the horizon
+    prefetch_min_requests: float = 0.5  # prefetch only models expected to get this many requests in the horizon
     max_replicas: int = 2  # copies of one model the plan may spread over workers when one cannot keep up
     static_models: tuple[str, ...] = ()  # static: the models to keep (empty: the most demanded so far)
 
@@ -134,7 +131,7 @@ class SchedulerSettings:
             raise ConfigError(f"scheduler.policy must be lru, demand60, static or forecast, got {self.policy!r}")
         if self.forecaster not in ("holt", "seasonal"):
             raise ConfigError(f"scheduler.forecaster must be holt or seasonal, got {self.forecaster!r}")
-        for name in ("alpha", "surge_alpha", "restart_p", "shift_prior", "beta", "gamma"):
+        for name in ("alpha", "beta", "gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"scheduler.{name} must be within [0, 1]")
         for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):
@@ -166,6 +163,8 @@ class WorkerSettings:
     gpu_index: int = 0
     heartbeat_s: float = 1.0
     inject_delay_ms: float = 0.0  # test/chaos hook: added to every generation
+    type: str = "onnx"  # the worker type it registers as (a label routing and dashboards show)
+    engine: str = ""  # "module:function" returning an EngineFactory; empty: the built-in ONNX engine
 
 
 @dataclass(frozen=True, slots=True)

@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument("--device", choices=["cpu", "cuda", "auto"])
     worker.add_argument("--id", dest="worker_id", help="worker id (default host-pid)")
     worker.add_argument("--preload", help="comma-separated models to load at start")
+    worker.add_argument("--type", dest="worker_type", help="worker type label it registers as (default onnx)")
+    worker.add_argument("--engine", help="engine factory 'package.module:function' (default: built-in ONNX)")
 
     query = sub.add_parser("query", help="send one query and print the reply")
     _common(query)
@@ -191,7 +193,8 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from calm.roles import serve_worker
 
     extra = {"worker.models": args.models, "worker.memory_mb": args.memory_mb, "worker.device": args.device,
-             "worker.worker_id": args.worker_id, "worker.preload": args.preload}
+             "worker.worker_id": args.worker_id, "worker.preload": args.preload, "worker.type": args.worker_type,
+             "worker.engine": args.engine}
     settings = settings_from(args, {k: v for k, v in extra.items() if v is not None})
     logs.setup("worker", settings.log.level, settings.log.json)
     return asyncio.run(serve_worker(settings, _server_url(settings), fleet_dir(settings)))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import importlib
 import logging
 import os
 import random
@@ -16,6 +17,7 @@ from functools import partial
 from typing import Any
 
 from broker.codec import decode, decode_as, encode
+from broker.config import WorkerSettings
 from broker.consumer import StreamConsumer, ensure_group
 from broker.effects import Effects, Entry
 from broker.kb import WorkerState
@@ -309,7 +311,23 @@ def _card_fields(card: ModelCard) -> dict[str, Any]:
     }
 
 
+def load_engine_factory(spec: str, settings: WorkerSettings) -> EngineFactory:
+    """The engine factory named by ``module:function`` (called with the worker settings)."""
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise WorkerError(f"worker.engine must look like 'package.module:function', got {spec!r}")
+    try:
+        maker = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as e:
+        raise WorkerError(f"cannot load engine factory {spec!r}: {e}") from e
+    factory: EngineFactory = maker(settings)
+    return factory
+
+
 async def start(rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None) -> Worker:
-    worker = Worker(rt, fleet, engine_factory)
+    ws = rt.settings.worker
+    if engine_factory is None and ws.engine:
+        engine_factory = load_engine_factory(ws.engine, ws)
+    worker = Worker(rt, fleet, engine_factory, worker_type=ws.type)
     await worker.start()
     return worker
