@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -31,6 +33,20 @@ def start_worker(url: str, prefix: str, fleet: Path, worker_id: str) -> subproce
     line = proc.stdout.readline()
     assert line.startswith("CALM-READY"), line
     return proc
+
+
+@contextlib.contextmanager
+def _reaped(procs: list[subprocess.Popen[str]]) -> Iterator[None]:
+    """Kill whatever worker a failing test left behind, and close its pipe."""
+    try:
+        yield
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait(timeout=10)
+            if proc.stdout is not None:
+                proc.stdout.close()
 
 
 class Load:
@@ -70,12 +86,14 @@ def test_a_new_worker_type_joins_and_leaves_under_load(tiny_fleet: Path, redis_u
     client = redis.Redis.from_url(redis_url)
     replies = f"{prefix}replies"
     load = Load(client, prefix)
-    with calm_up(redis_url, prefix, tiny_fleet, *SETTINGS) as calm:
+    workers: list[subprocess.Popen[str]] = []
+    with calm_up(redis_url, prefix, tiny_fleet, *SETTINGS) as calm, _reaped(workers):
         load.start()
         time.sleep(2)
         assert "sort" not in calm.status()["loaded"] or not calm.status()["loaded"]["sort"]
         joined_ms = time.time() * 1000
         late = start_worker(redis_url, prefix, tiny_fleet, "late-1")
+        workers.append(late)
         deadline = time.time() + 30
         while time.time() < deadline and "sort" not in sort_models_since(client, replies, joined_ms):
             time.sleep(0.2)
@@ -88,6 +106,7 @@ def test_a_new_worker_type_joins_and_leaves_under_load(tiny_fleet: Path, redis_u
         assert "late-1" not in calm.status()["workers"]
 
         crash = start_worker(redis_url, prefix, tiny_fleet, "late-2")
+        workers.append(crash)
         time.sleep(3)
         crash.kill()  # a crash: the scheduler notices the missed heartbeats
         crash.wait(timeout=10)
