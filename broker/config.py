@@ -120,7 +120,7 @@ class SchedulerSettings:
     gamma: float = 0.3  # seasonal smoothing
     season_s: float = 0.0  # seasonal: cycle length (0: behaves as holt)
     horizon_s: float = 20.0  # forecast: plan for the demand expected over this horizon
-    hysteresis: float = 0.25  # a resident model keeps its place unless a rival scores (1 + this) times more
+    hysteresis: float = 0.5  # a resident model keeps its place unless a rival scores (1 + this) times more
     min_residency_s: float = 30.0  # a model the plan prefetched stays at least this long
     prefetch_min_requests: float = 0.5  # prefetch only models expected to get this many requests in the horizon
     max_replicas: int = 2  # copies of one model the plan may spread over workers when one cannot keep up

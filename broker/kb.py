@@ -257,18 +257,27 @@ class KnowledgeBase:
         return out
 
     # -- demand --------------------------------------------------------------------
-    def record_demand(self, pipe: Pipeline, model: str, now_s: float, bucket_s: int = 10, keep_s: int = 3600) -> None:
-        key = self.names.demand(model)
-        pipe.hincrby(key, str(int(now_s // bucket_s)), 1)
-        pipe.expire(key, keep_s)
+    def record_demand(self, pipe: Pipeline, model: str, now_s: float, bucket_s: float = 10, keep_s: int = 3600,
+                      domain: str = "") -> None:
+        """Count one query for ``model`` (and for its topic ``domain``) in the bucket ``now_s // bucket_s``."""
+        bucket = str(int(now_s // bucket_s))
+        keys = [self.names.demand(model)] + ([self.names.domain_demand(domain)] if domain else [])
+        for key in keys:
+            pipe.hincrby(key, bucket, 1)
+            pipe.expire(key, keep_s)
 
     async def demand(self, models: Iterable[str]) -> dict[str, dict[int, int]]:
-        models = list(models)
+        return await self._buckets([(m, self.names.demand(m)) for m in models])
+
+    async def domain_demand(self, domains: Iterable[str]) -> dict[str, dict[int, int]]:
+        return await self._buckets([(d, self.names.domain_demand(d)) for d in domains])
+
+    async def _buckets(self, keys: list[tuple[str, str]]) -> dict[str, dict[int, int]]:
         pipe = self.client.pipeline(transaction=False)
-        for model in models:
-            pipe.hgetall(self.names.demand(model))
+        for _, key in keys:
+            pipe.hgetall(key)
         rows = await pipe.execute()
-        return {m: {int(k): int(v) for k, v in row.items()} for m, row in zip(models, rows, strict=True)}
+        return {name: {int(k): int(v) for k, v in row.items()} for (name, _), row in zip(keys, rows, strict=True)}
 
 
 def _queue_script(pipe: Pipeline, script: AsyncScript, keys: list[str], args: list[Any]) -> None:

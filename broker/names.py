@@ -90,6 +90,10 @@ class Names:
     def demand(self, model: str) -> str:
         return f"{self.prefix}demand:{model}"
 
+    def domain_demand(self, domain: str) -> str:
+        """Queries per time bucket whose topic is ``domain`` (whichever model served them)."""
+        return f"{self.prefix}demand-domain:{domain}"
+
     def done(self, query_id: str) -> str:
         return f"{self.prefix}done:{query_id}"
 

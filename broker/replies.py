@@ -15,9 +15,12 @@ from broker.names import Names
 
 # KEYS: claim, done, waiters. ARGV: entry_id, ttl_s, reply_to.
 # Returns {"new"} for a first sighting, {"done", payload} when a reply exists, {"wait"} when in progress.
+# The claim holds the claiming entry's id: the same entry delivered again (its first consumer died before
+# forwarding it) is "new" again, so a crash between claim and forward loses nothing.
 _CLAIM_LUA = """
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {'new'} end
 local done = redis.call('GET', KEYS[2])
+if not done and redis.call('GET', KEYS[1]) == ARGV[1] then return {'new'} end
 if done then return {'done', done} end
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])

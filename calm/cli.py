@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Further commands live in their own modules, each with ``register(subparsers, add_common)`` and ``COMMANDS``.
-COMMAND_MODULES: tuple[str, ...] = ("calm.gateway.cli",)
+COMMAND_MODULES: tuple[str, ...] = ("calm.gateway.cli", "calm.bench")
 
 
 def _command_modules() -> list[Any]:
@@ -139,6 +139,8 @@ def _handler(args: argparse.Namespace) -> Callable[[argparse.Namespace], int]:
         key = f"fleet {args.fleet_command}"
     elif getattr(args, "subcommand", None):
         key = f"{args.command} {args.subcommand}"
+    elif getattr(args, "subcommand", "") is None:  # a command group run without a subcommand
+        key = args.command
     table = dict(COMMANDS)
     for module in _command_modules():
         table.update(module.COMMANDS)

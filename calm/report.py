@@ -130,6 +130,13 @@ def write_records(out_dir: Path, runs: Iterable[Run]) -> Path:
     return path
 
 
+def write_report_json(out_dir: Path, report: dict[str, Any]) -> Path:
+    """Write only report.json (reports without strategies, such as overhead)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "report.json").write_text(json.dumps(report, indent=2, default=str), encoding="utf-8")
+    return out_dir
+
+
 def write_report(out_dir: Path, report: dict[str, Any]) -> Path:
     """Write report.json and report.md; returns the directory."""
     out_dir.mkdir(parents=True, exist_ok=True)

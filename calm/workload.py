@@ -67,3 +67,50 @@ def shifting_mix(eval_sets: dict[str, list[dict[str, str]]], n: int, rate_qps: f
                           MAX_NEW_TOKENS.get(domain, DEFAULT_MAX_NEW_TOKENS)))
         t += rng.expovariate(rate_qps)
     return items
+
+
+def bursty_mix(eval_sets: dict[str, list[dict[str, str]]], n: int, rate_qps: float, seed: int = 7,
+               burst_factor: float = 4.0, burst_share: float = 0.2) -> list[Item]:
+    """A shifting mix whose arrival rate jumps ``burst_factor``-fold for short bursts (``burst_share`` of time)."""
+    base = shifting_mix(eval_sets, n, rate_qps, seed)
+    rng = random.Random(seed + 1)
+    out: list[Item] = []
+    t = 0.0
+    burst_left = 0
+    for item in base:
+        if burst_left == 0 and rng.random() < burst_share / 10:
+            burst_left = 10
+        rate = rate_qps * (burst_factor if burst_left else 1.0)
+        burst_left = max(0, burst_left - 1)
+        out.append(Item(round(t, 4), item.domain, item.prompt, item.reference, item.max_new_tokens))
+        t += rng.expovariate(rate)
+    return out
+
+
+def from_trace(path: Path, eval_sets: dict[str, list[dict[str, str]]], model_domains: dict[str, str],
+               limit: int | None = None) -> list[Item]:
+    """Queries at the times of a trace file (JSONL ``{"t", "domain"|"model"}``), prompts from the eval sets."""
+    items: list[Item] = []
+    cursors: dict[str, int] = {}
+    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            t = float(row["t"])
+            domain = row.get("domain") or model_domains[row["model"]]
+        except (ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}:{number}: expected {{\"t\": seconds, \"domain\"|\"model\": name}}: {e}") from e
+        rows = eval_sets.get(domain)
+        if not rows:
+            raise ValueError(f"{path}:{number}: the fleet has no eval set for domain {domain!r}")
+        i = cursors.get(domain, 0)
+        cursors[domain] = i + 1
+        row_item = rows[i % len(rows)]
+        items.append(Item(t, domain, row_item["prompt"], row_item["reference"],
+                          MAX_NEW_TOKENS.get(domain, DEFAULT_MAX_NEW_TOKENS)))
+        if limit is not None and len(items) >= limit:
+            break
+    start = min((i.t for i in items), default=0.0)
+    return sorted((Item(i.t - start, i.domain, i.prompt, i.reference, i.max_new_tokens) for i in items),
+                  key=lambda i: i.t)

@@ -85,7 +85,8 @@ class Planner:
         effects.xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
         explanation = self._explain(planned, message)
         effects.xadd(self.names.decisions, explanation, maxlen=self.settings.streams.decisions_maxlen)
-        effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now))
+        effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now, self.settings.scheduler.bucket_s,
+                                                        domain=planned.domain))
         chosen = self.view.models.get(decision.model)
         wants = [decision.wanted] if decision.wanted else []
         if chosen is None or not chosen.loaded_on:

@@ -1,9 +1,18 @@
-"""Scheduler: keeps the models that queries need loaded within each worker's memory budget."""
+"""Scheduler: keeps the models that queries need loaded within each worker's memory budget.
+
+It runs the configured residency policy (``scheduler.policy``: lru, demand60, static, forecast),
+the same code ``calm bench residency`` replays traces through. Demand comes from the knowledge base
+(per-model and per-domain buckets the planner counts); a cold miss (``WantModel``) or work waiting
+for a model nobody holds asks the policy to place it; every ``interval_ms`` the policy plans
+(prefetch, rebalance) and a worker joining or leaving triggers a plan at once. Commands go to
+``calm:control:<worker>``; the workers' acknowledgements update the knowledge base.
+"""
 
 from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from broker.codec import decode, encode
@@ -13,7 +22,8 @@ from broker.kb import ModelState, WorkerState
 from broker.messages import Control, WantModel, WorkerEvent
 from broker.runtime import ProcessRuntime
 from calm_actors.fleetview import backlogs
-from calm_actors.residency import Action, Slot, make_policy
+from calm_actors.forecast import Demand
+from calm_actors.residency import Action, ModelCosts, Slot, fill, make_policy
 
 log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 120.0
@@ -21,7 +31,6 @@ LOAD_TIMEOUT_S = 120.0
 
 @dataclass(slots=True)
 class Pending:
-    worker: str
     action: str
     deadline_ms: float
 
@@ -33,10 +42,15 @@ class Scheduler:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
-        self.policy = make_policy(rt.settings.scheduler.policy)
+        s = rt.settings.scheduler
+        self.demand = Demand(s.bucket_s)
+        self.costs = ModelCosts()
+        self.policy = make_policy(s.policy, s, self.demand, self.costs)
         self.models: dict[str, ModelState] = {}
         self.workers: dict[str, WorkerState] = {}
-        self.pending: dict[str, Pending] = {}  # model -> pending load/evict
+        self.pending: dict[tuple[str, str], Pending] = {}  # (worker, model) -> command in flight
+        self.backlog: dict[str, int] = {}
+        self.sizes: dict[str, float] = {}  # the largest memory each model was known to need (card or measured)
 
     def install(self) -> None:
         self.rt.consumer(self.names.sched, self.names.GROUP_SCHEDULER, handler=self.on_message)
@@ -45,6 +59,22 @@ class Scheduler:
     async def refresh(self) -> None:
         self.models = await self.rt.kb.models()
         self.workers = await self.rt.kb.workers()
+        for name, m in self.models.items():
+            self.sizes[name] = max(self.sizes.get(name, 0.0), m.memory_mb)
+
+    async def refresh_demand(self) -> None:
+        """Copy demand from the KB (a specialist's demand includes its domain's) and what models cost."""
+        names = list(self.models)
+        own = await self.rt.kb.demand(names)
+        domains = sorted({m.domain for m in self.models.values() if not m.baseline})
+        by_domain = await self.rt.kb.domain_demand(domains) if domains else {}
+        for model, buckets in merge_domain_demand(self.models.values(), own, by_domain).items():
+            self.demand.set(model, buckets)
+        for name, m in self.models.items():
+            if m.load_s:
+                self.costs.load_s[name] = m.load_s
+            if m.latency_ms:
+                self.costs.capacity_rps[name] = 1000.0 / m.latency_ms
 
     # -- messages ------------------------------------------------------------------
     async def on_message(self, entry: Entry) -> Effects:
@@ -54,18 +84,16 @@ class Scheduler:
             await self.refresh()
             self._act(self._place(message.model, reason="wanted by a query"), effects)
         elif isinstance(message, WorkerEvent):
-            pending = self.pending.get(message.model)
-            if pending is not None and pending.worker == message.worker:
-                del self.pending[message.model]
+            self.pending.pop((message.worker, message.model), None)
             if message.event in ("registered", "stopping", "load_failed"):
                 await self.refresh()
-                self._act(self._warm_start(), effects)
+                self._act(self._replan(), effects)
             log.info("worker %s: %s %s %s", message.worker, message.event, message.model, message.detail)
         return effects
 
     # -- periodic ------------------------------------------------------------------
     async def tick(self) -> None:
-        """Drop dead workers, expire stuck commands, and load models that have work but no worker."""
+        """Drop dead workers, expire stuck commands, place models with waiting work, and plan."""
         await self.refresh()
         now_ms = time.time() * 1000
         timeout_s = self.settings.scheduler.worker_timeout_s
@@ -77,14 +105,15 @@ class Scheduler:
                 self.rt.kb.remove_worker(pipe, worker.id, worker.models_loaded)
             await pipe.execute()
             await self.refresh()
-        self.pending = {m: p for m, p in self.pending.items() if p.deadline_ms > now_ms and p.worker in self.workers}
+        self.pending = {k: p for k, p in self.pending.items() if p.deadline_ms > now_ms and k[0] in self.workers}
+        await self.refresh_demand()
+        self.backlog = await backlogs(self.rt.kb, self.names, list(self.models))
         effects = Effects()
-        queues = await backlogs(self.rt.kb, self.names, list(self.models))
-        for model, backlog in queues.items():
-            if backlog > 0 and not self._resident(model):
-                self._act(self._place(model, reason=f"{backlog} queries waiting"), effects)
+        for model, waiting in self.backlog.items():
+            if waiting > 0 and not self._resident(model):
+                self._act(self._place(model, reason=f"{waiting} queries waiting"), effects)
         if not effects.ops:
-            self._act(self._warm_start(), effects)
+            self._act(self._replan(), effects)
         if effects.ops:
             pipe = self.rt.client.pipeline(transaction=False)
             for op in effects.ops:
@@ -93,46 +122,84 @@ class Scheduler:
 
     # -- planning ------------------------------------------------------------------
     def _slots(self) -> list[Slot]:
+        """Alive workers as the policy sees them, with commands in flight counted as done."""
         now_ms = time.time() * 1000
         slots = []
         for w in self.workers.values():
             if not w.alive(now_ms, self.settings.scheduler.worker_timeout_s):
                 continue
-            loaded = {m: w.last_used.get(m, 0.0) for m in w.models_loaded}
-            for model, p in self.pending.items():  # count commands in flight as done
-                if p.worker == w.id:
+            loaded = {m: w.last_used.get(m, 0.0) / 1000 for m in w.models_loaded}
+            for (worker, model), p in self.pending.items():
+                if worker == w.id:
                     if p.action == "load":
-                        loaded[model] = now_ms
+                        loaded[model] = now_ms / 1000
                     else:
                         loaded.pop(model, None)
             slots.append(Slot(w.id, w.memory_budget_mb, frozenset(w.models_servable), loaded))
         return slots
 
     def _memory(self) -> dict[str, float]:
-        return {name: max(m.memory_mb, 1.0) for name, m in self.models.items()}
+        """Memory per model for budgeting: the card's estimate or the measured use, whichever was larger.
+
+        A measurement can undercount (an allocator that keeps freed memory makes a reload look free);
+        the larger figure keeps budgets, and agrees with the worker's own admission check.
+        """
+        return {name: max(self.sizes.get(name, 0.0), 1.0) for name in self.models}
+
+    def _pinned(self) -> set[str]:
+        """Models with queries waiting or a command in flight: never evicted now."""
+        return {m for m, n in self.backlog.items() if n > 0} | {m for _, m in self.pending}
 
     def _resident(self, model: str) -> bool:
         return any(model in s.loaded for s in self._slots())
 
     def _place(self, model: str, reason: str) -> list[Action]:
-        if model in self.pending:
+        if any(m == model for _, m in self.pending):
             return []
-        actions = self.policy.place(model, self._slots(), self._memory(), time.time() * 1000)
+        actions = self.policy.place(model, self._slots(), self._memory(), time.time(), self._pinned())
         if not actions and not self._resident(model):
             log.warning("cannot place %s (%s): no worker can hold it now", model, reason)
         return actions
 
-    def _warm_start(self) -> list[Action]:
-        order = sorted(self.models.values(), key=lambda m: (m.baseline, -m.requests, m.name))
-        return self.policy.fill([m.name for m in order], self._slots(), self._memory())
+    def _replan(self) -> list[Action]:
+        """The policy's plan; when it asks for nothing, fill free memory (warm start) without evicting."""
+        slots, memory = self._slots(), self._memory()
+        actions = self.policy.plan(slots, memory, time.time(), self._pinned())
+        if actions:
+            return actions
+        order = sorted(self.models.values(), key=lambda m: (m.baseline, -self.demand.total(m.name), -m.requests,
+                                                             m.name))
+        return fill([m.name for m in order], slots, memory)
 
     def _act(self, actions: list[Action], effects: Effects) -> None:
         now_ms = time.time() * 1000
         for action in actions:
             control = Control(action=action.kind, model=action.model, reason=action.reason, at_ms=now_ms)
             effects.xadd(self.names.control(action.worker), encode(control), maxlen=10_000)
-            self.pending[action.model] = Pending(action.worker, action.kind, now_ms + LOAD_TIMEOUT_S * 1000)
+            self.pending[(action.worker, action.model)] = Pending(action.kind, now_ms + LOAD_TIMEOUT_S * 1000)
             log.info("%s %s on %s: %s", action.kind, action.model, action.worker, action.reason)
+
+
+def merge_domain_demand(models: Iterable[ModelState], own: Mapping[str, Mapping[int, int]],
+                        by_domain: Mapping[str, Mapping[int, int]]) -> dict[str, dict[int, int]]:
+    """Each model's demand per bucket; a domain's sole specialist also counts its domain's queries.
+
+    The planner may serve a query elsewhere while its specialist is cold; the domain's count says
+    what the specialist would have had (per bucket, the larger of the two).
+    """
+    models = list(models)
+    specialists: dict[str, list[str]] = {}
+    for m in models:
+        if not m.baseline:
+            specialists.setdefault(m.domain, []).append(m.name)
+    out = {m.name: dict(own.get(m.name, {})) for m in models}
+    for domain, names in specialists.items():
+        if len(names) != 1:
+            continue
+        merged = out[names[0]]
+        for bucket, n in by_domain.get(domain, {}).items():
+            merged[bucket] = max(merged.get(bucket, 0), n)
+    return out
 
 
 async def start(rt: ProcessRuntime) -> Scheduler:

@@ -114,3 +114,16 @@ async def test_resend_and_unclaimed_replies(aclient: aioredis.Redis, names: Name
         {"id": "y", "status": "rejected", "cached": "1", "error": "bad"},
     ]
     assert await aclient.exists(names.done("y"), names.claim("y")) == 0  # no idempotency state
+
+
+async def test_a_redelivered_claiming_entry_is_new_again(aclient, names) -> None:  # type: ignore[no-untyped-def]
+    """The monitor may die between the claim and forwarding: the same entry, redelivered, is processed."""
+    from broker.replies import ReplyBook
+
+    book = ReplyBook(aclient, names, dedup_window_s=60, replies_maxlen=100)
+    results = []
+    for entry_id in ("5-0", "5-0", "6-0"):
+        pipe = aclient.pipeline(transaction=False)
+        book.claim(pipe, "q-redelivered", entry_id, names.replies)
+        results.append(ReplyBook.parse_claim((await pipe.execute())[0]).state)
+    assert results == ["new", "new", "wait"]

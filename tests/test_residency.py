@@ -6,7 +6,19 @@ import random
 
 import pytest
 
-from calm_actors.residency import Action, LruPolicy, Slot, make_policy
+from broker.config import SchedulerSettings
+from calm_actors.forecast import Demand
+from calm_actors.residency import (
+    Action,
+    Demand60Policy,
+    LruPolicy,
+    ModelCosts,
+    Slot,
+    StaticPolicy,
+    fill,
+    make_policy,
+)
+from calm_actors.residency_forecast import ForecastPolicy
 
 MEM = {"a": 400.0, "b": 400.0, "c": 200.0, "d": 400.0, "d2": 400.0, "e": 600.0, "big": 5000.0}
 ALL = frozenset(MEM)
@@ -32,43 +44,43 @@ def _apply(actions: list[Action], slots: list[Slot], now_ms: float) -> None:
 
 def test_loads_into_the_roomiest_worker() -> None:
     slots = [_slot("w1", loaded={"a": 1.0}), _slot("w2", loaded={"c": 1.0}), _slot("w3", loaded={"a2": 1.0})]
-    actions = LruPolicy().place("b", slots, MEM, now_ms=10.0)
+    actions = LruPolicy().place("b", slots, MEM, now_s=10.0)
     assert [(a.kind, a.worker, a.model) for a in actions] == [("load", "w3", "b")]  # a2 has no known size
 
 
 def test_no_action_when_already_resident() -> None:
     slots = [_slot("w1", loaded={"a": 1.0}), _slot("w2")]
-    assert LruPolicy().place("a", slots, MEM, now_ms=10.0) == []
+    assert LruPolicy().place("a", slots, MEM, now_s=10.0) == []
 
 
 def test_evicts_the_least_recently_used_only_as_needed() -> None:
     slot = _slot("w1", loaded={"a": 10.0, "b": 5.0, "c": 20.0})  # 1000 of 1000 used
-    actions = LruPolicy().place("d", [slot], MEM, now_ms=30.0)
+    actions = LruPolicy().place("d", [slot], MEM, now_s=30.0)
     assert [(a.kind, a.model) for a in actions] == [("evict", "b"), ("load", "d")]
     assert all(a.worker == "w1" for a in actions)
 
 
 def test_evicts_several_in_lru_order_when_one_is_not_enough() -> None:
     slot = _slot("w1", loaded={"a": 10.0, "b": 5.0, "c": 20.0})
-    actions = LruPolicy().place("e", [slot], MEM, now_ms=30.0)
+    actions = LruPolicy().place("e", [slot], MEM, now_s=30.0)
     assert [(a.kind, a.model) for a in actions] == [("evict", "b"), ("evict", "a"), ("load", "e")]
 
 
 def test_never_evicts_pinned_models() -> None:
     slot = _slot("w1", loaded={"a": 10.0, "b": 5.0, "c": 20.0})
-    actions = LruPolicy().place("d", [slot], MEM, now_ms=30.0, pinned=["b"])
+    actions = LruPolicy().place("d", [slot], MEM, now_s=30.0, pinned=["b"])
     assert [(a.kind, a.model) for a in actions] == [("evict", "a"), ("load", "d")]
 
 
 def test_nothing_when_only_pinned_models_could_make_room() -> None:
     slot = _slot("w1", loaded={"a": 10.0, "b": 5.0, "c": 20.0})
-    assert LruPolicy().place("d", [slot], MEM, now_ms=30.0, pinned=["a", "b"]) == []
+    assert LruPolicy().place("d", [slot], MEM, now_s=30.0, pinned=["a", "b"]) == []
 
 
 def test_prefers_the_worker_needing_fewest_evictions() -> None:
     w1 = _slot("w1", loaded={"c": 1.0, "a": 2.0, "d": 3.0})  # 1000 used: d needs two evictions (c, a)
     w2 = _slot("w2", loaded={"b": 50.0, "e": 60.0})  # 1000 used: b alone frees 400
-    actions = LruPolicy().place("d2", [w1, w2], MEM, now_ms=100.0)
+    actions = LruPolicy().place("d2", [w1, w2], MEM, now_s=100.0)
     assert [(a.kind, a.worker, a.model) for a in actions] == [("evict", "w2", "b"), ("load", "w2", "d2")]
 
 
@@ -158,6 +170,172 @@ def test_fill_on_full_workers_does_nothing() -> None:
 
 
 def test_make_policy() -> None:
-    assert make_policy("lru").name == "lru"
+    for name in ("lru", "demand60", "static", "forecast"):
+        assert make_policy(name).name == name
     with pytest.raises(ValueError, match="unknown residency policy 'nope'"):
         make_policy("nope")
+
+
+def test_fill_is_shared_by_every_policy() -> None:
+    slots = [_slot("w1", budget=1000.0)]
+    assert fill(["a", "b", "d"], slots, MEM) == LruPolicy().fill(["a", "b", "d"], slots, MEM)
+
+
+# -- demand60 ------------------------------------------------------------------------
+def test_demand60_evicts_the_least_requested_in_the_window_not_the_least_recent() -> None:
+    demand = Demand(10.0)
+    demand.add("a", 55.0, n=9)  # busy, but used longest ago
+    demand.add("b", 58.0, n=1)  # used last, once
+    demand.add("c", 57.0, n=4)
+    demand.add("b", 1.0, n=50)  # long before the window: does not count
+    slot = _slot("w1", loaded={"a": 55.0, "b": 58.0, "c": 57.0})
+    actions = Demand60Policy(demand, window_s=60.0).place("d", [slot], MEM, now_s=60.0)
+    assert [(a.kind, a.model) for a in actions] == [("evict", "b"), ("load", "d")]
+    assert LruPolicy().place("d", [slot], MEM, now_s=60.0)[0].model == "a"  # LRU would have chosen a
+
+
+# -- static --------------------------------------------------------------------------
+def test_static_loads_the_ranked_set_once_and_keeps_room_for_the_rest() -> None:
+    mem = {m: 1.0 for m in "abcdef"}
+    slot = Slot("w1", 4.0, frozenset(mem), {"f": 0.0})
+    policy = StaticPolicy(Demand(10.0), ranking=["a", "b", "c", "d", "e"])
+    actions = policy.plan([slot], mem, now_s=1.0)
+    assert [(a.kind, a.model) for a in actions] == [("load", "a"), ("load", "b"), ("load", "c")]  # f stays in the room
+    _apply(actions, [slot], 1.0)
+    assert policy.plan([slot], mem, now_s=2.0) == []
+    # A miss uses the room left over: it evicts f, never a static model, even the least recently used one.
+    slot.loaded.update({"a": 0.5})
+    assert [(a.kind, a.model) for a in policy.place("d", [slot], mem, now_s=3.0)] == [("evict", "f"), ("load", "d")]
+
+
+def test_static_without_a_ranking_waits_for_demand_then_ranks_by_it() -> None:
+    demand = Demand(10.0)
+    policy = StaticPolicy(demand)
+    slot = _slot("w1", budget=1000.0)
+    assert policy.plan([slot], MEM, now_s=1.0) == []
+    demand.add("c", 1.0, n=5)
+    demand.add("a", 1.0, n=9)
+    assert [a.model for a in policy.plan([slot], MEM, now_s=2.0)] == ["a", "c"]
+    assert policy.chosen == {"w1": {"a", "c"}}
+    demand.add("e", 3.0, n=100)  # chosen once: later demand changes nothing
+    _apply(policy.plan([slot], MEM, now_s=2.0), [slot], 2.0)
+    assert policy.plan([slot], MEM, now_s=4.0) == [] and policy.chosen == {"w1": {"a", "c"}}
+
+
+# -- forecast ------------------------------------------------------------------------
+def _ramp_demand() -> Demand:
+    """a steady at 10 per bucket, b steady at 6, c rising 0, 0, 0, 1, 2, 3, 4, 5: still below b."""
+    demand = Demand(10.0)
+    for bucket, rising in enumerate([0, 0, 0, 1, 2, 3, 4, 5]):
+        demand.add("a", bucket * 10 + 1, n=10)
+        demand.add("b", bucket * 10 + 1, n=6)
+        if rising:
+            demand.add("c", bucket * 10 + 1, n=rising)
+    return demand
+
+
+def test_forecast_prefetches_a_model_before_its_predicted_rise() -> None:
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    settings = SchedulerSettings(alpha=0.5, beta=0.5, horizon_s=60.0)
+    demand = _ramp_demand()
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 75.0, "b": 79.0})
+    actions = ForecastPolicy(settings, demand).plan([slot], mem, now_s=80.0)
+    assert demand.count("c", 7) < demand.count("b", 7)  # c is not (yet) busier than b
+    assert [(a.kind, a.model) for a in actions] == [("evict", "b"), ("load", "c")]
+    assert actions[-1].reason.startswith("prefetch")
+    for reactive in ("lru", "demand60"):
+        assert make_policy(reactive, settings, demand).plan([slot], mem, 80.0) == []
+
+
+def test_forecast_keeps_its_place_without_a_trend_thanks_to_hysteresis() -> None:
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    demand = Demand(10.0)
+    for bucket in range(8):
+        demand.add("a", bucket * 10 + 1, n=10)
+        demand.add("b", bucket * 10 + 1, n=6)
+        demand.add("c", bucket * 10 + 1, n=7)  # a bit busier than b, not by the hysteresis margin
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 75.0, "b": 79.0})
+    settings = SchedulerSettings(hysteresis=0.25)
+    assert ForecastPolicy(settings, demand).plan([slot], mem, now_s=80.0) == []
+    swapped = ForecastPolicy(SchedulerSettings(hysteresis=0.0), demand).plan([slot], mem, now_s=80.0)
+    assert [(a.kind, a.model) for a in swapped] == [("evict", "b"), ("load", "c")]
+
+
+def test_forecast_eviction_order_honours_the_plan_not_recency() -> None:
+    demand = Demand(10.0)
+    for bucket in range(6):
+        demand.add("a", bucket * 10 + 1, n=9)
+        demand.add("c", bucket * 10 + 1, n=5)
+        demand.add("b", bucket * 10 + 1, n=1)
+    # a was used longest ago, b most recently: LRU would evict a, the forecast evicts b (least expected).
+    slot = _slot("w1", loaded={"a": 10.0, "b": 59.0, "c": 40.0})
+    policy = ForecastPolicy(SchedulerSettings(), demand)
+    assert [(a.kind, a.model) for a in policy.place("d", [slot], MEM, now_s=60.0)] == [("evict", "b"), ("load", "d")]
+    assert [(a.kind, a.model) for a in policy.place("e", [slot], MEM, now_s=60.0)] == [
+        ("evict", "b"), ("evict", "c"), ("load", "e")]  # several victims: least expected first
+    assert LruPolicy().place("d", [slot], MEM, now_s=60.0)[0].model == "a"
+
+
+def test_forecast_never_evicts_pinned_or_freshly_prefetched_models_to_plan() -> None:
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    settings = SchedulerSettings(alpha=0.5, beta=0.5, horizon_s=60.0, min_residency_s=30.0)
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 75.0, "b": 79.0})
+    assert ForecastPolicy(settings, _ramp_demand()).plan([slot], mem, 80.0, pinned={"b"}) == []
+    # A model the plan itself loaded stays min_residency_s, even when the forecast turns against it.
+    policy = ForecastPolicy(settings, _ramp_demand())
+    _apply(policy.plan([slot], mem, 80.0), [slot], 80.0)
+    assert set(slot.loaded) == {"a", "c"}
+    policy.demand.add("b", 85.0, n=200)  # b surges; a has queries waiting (pinned), c was just prefetched
+    assert policy.plan([slot], mem, 86.0, pinned={"a"}) == []
+    assert [(a.kind, a.model) for a in policy.plan([slot], mem, 111.0, pinned={"a"})] == [("evict", "c"), ("load", "b")]
+
+
+def test_forecast_spreads_replicas_when_one_copy_cannot_keep_up() -> None:
+    mem = {"a": 1.0, "b": 1.0}
+    demand = Demand(10.0)
+    for bucket in range(6):
+        demand.add("a", bucket * 10 + 1, n=100)  # 10 requests/s
+        demand.add("b", bucket * 10 + 1, n=2)
+    slots = [Slot("w1", 1.0, frozenset(mem), {"a": 59.0}), Slot("w2", 1.0, frozenset(mem), {"b": 59.0})]
+    costs = ModelCosts(capacity_rps={"a": 4.0, "b": 4.0})  # one copy serves 4 requests/s
+    actions = ForecastPolicy(SchedulerSettings(hysteresis=0.0), demand, costs).plan(slots, mem, now_s=60.0)
+    assert [(a.kind, a.worker, a.model) for a in actions] == [("evict", "w2", "b"), ("load", "w2", "a")]
+    alone = ForecastPolicy(SchedulerSettings(hysteresis=0.0), demand, ModelCosts()).plan(slots, mem, now_s=60.0)
+    assert alone == []  # without a throughput limit, one copy is enough
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_forecast_random_demand_never_exceeds_a_budget_or_evicts_pinned(seed: int) -> None:
+    rng = random.Random(seed)
+    models = [f"m{i}" for i in range(12)]
+    memory = {m: float(rng.choice([100, 200, 300, 500, 800])) for m in models}
+    slots = [_slot(f"w{i}", budget=float(rng.choice([600, 1000, 1500])),
+                   servable=frozenset(rng.sample(models, rng.randint(4, 12)))) for i in range(3)]
+    demand = Demand(10.0)
+    policy = ForecastPolicy(SchedulerSettings(min_residency_s=5.0), demand,
+                            ModelCosts(capacity_rps={m: 0.5 for m in models}))
+    busy = rng.sample(models, 4)
+    loads = evictions = 0
+    for step in range(600):
+        now = step * 0.5
+        if step % 150 == 0:
+            busy = rng.sample(models, 4)
+        want = rng.choice(busy) if rng.random() < 0.8 else rng.choice(models)
+        demand.add(want, now)
+        pinned = set(rng.sample(models, 2))
+        for step_actions in (policy.place, policy.plan):
+            if step_actions == policy.place:
+                actions = policy.place(want, slots, memory, now, pinned)
+            else:
+                actions = policy.plan(slots, memory, now, pinned)
+            assert not {a.model for a in actions if a.kind == "evict"} & pinned
+            loads += sum(a.kind == "load" for a in actions)
+            evictions += sum(a.kind == "evict" for a in actions)
+            _apply(actions, slots, now)
+            for slot in slots:
+                assert slot.used_mb(memory) <= slot.budget_mb, (seed, step, slot)
+                assert set(slot.loaded) <= slot.servable
+        for s in slots:
+            if want in s.loaded:
+                s.loaded[want] = now
+    assert loads > 0 and evictions > 0

@@ -1,0 +1,103 @@
+"""``calm bench``: benchmarks. ``calm bench residency`` replays arrival traces through every residency policy."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+from typing import Any
+
+RESIDENCY_HELP = """\
+Replay an arrival trace through every residency policy (lru, demand60, static, forecast) and the
+offline optimum (belady), in simulated time, on one worker of --slots K models or --memory-mb M.
+The policies are the live scheduler's own code, configured as the scheduler is (--set
+scheduler.alpha=0.3 ...; for a periodic trace, --set scheduler.forecaster=seasonal
+--set scheduler.season_s=<cycle>).
+
+Traces: --trace FILE (JSONL lines {"t": seconds, "model": NAME} or {"t": seconds, "domain": NAME};
+or CSV with a header t,model or t,domain), or --synthetic steady|phase|periodic|burst (seeded; add
+--out FILE to keep it). Domains resolve to the fleet's specialist for them.
+
+Counted per policy: cold_loads (requests whose model was not loaded and ready when they arrived),
+cold_load_rate, loads, evictions, unserved, wait_s, wasted_mb_s (memory x time held by loads that
+served no request before eviction or the end; slot-seconds with --slots), vs_lru and vs_belady
+(cold_load_rate relative to theirs). Loads take --load-s of simulated time (default 0: a paging
+model where a miss is counted and the load is instant).
+"""
+
+
+def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+    """Add ``bench`` and its subcommands to the ``calm`` parser."""
+    bench = subparsers.add_parser("bench", help="benchmarks: strategies live (default), overhead, residency")
+    sub = bench.add_subparsers(dest="subcommand", required=False, parser_class=type(bench))
+    add_common(bench)
+    _live_arguments(bench)
+    live = sub.add_parser("live", help="one workload through several routing strategies on the live system")
+    add_common(live)
+    _live_arguments(live)
+    over = sub.add_parser("overhead", help="route_ms at rising rates, cache-hit throughput, broker hop floor")
+    add_common(over)
+    over.add_argument("--rates", default="50,100,200,400,800", help="arrival rates to step through (q/s)")
+    over.add_argument("--seconds", type=float, default=4.0, help="seconds per rate (default 4)")
+    over.add_argument("--burst", type=int, default=3000, help="cache-hit queries sent at once (default 3000)")
+    over.add_argument("--workers", type=int, default=1)
+    over.add_argument("--out", help="report directory (default reports/overhead-<time>)")
+    res = sub.add_parser("residency", help="replay an arrival trace through every residency policy",
+                         description=RESIDENCY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common(res)
+    source = res.add_mutually_exclusive_group(required=True)
+    source.add_argument("--trace", help="trace file (JSONL or CSV)")
+    source.add_argument("--synthetic", choices=["steady", "phase", "periodic", "burst"],
+                        help="generate a standard trace instead of reading one")
+    capacity = res.add_mutually_exclusive_group(required=True)
+    capacity.add_argument("--slots", type=int, help="capacity of K models (every model takes one slot)")
+    capacity.add_argument("--memory-mb", type=float, help="memory budget; model sizes from the fleet cards")
+    res.add_argument("--json", action="store_true", help="print the results as JSON")
+    res.add_argument("--load-s", type=float, default=0.0, help="simulated load time per model (default 0)")
+    res.add_argument("--policies", default="lru,demand60,static,forecast,belady",
+                     help="comma-separated policies to run (default all)")
+    gen = res.add_argument_group("synthetic traces")
+    gen.add_argument("--out", help="also write the synthetic trace to this JSONL file")
+    gen.add_argument("--models", type=int, default=10,
+                     help="without --fleet: how many models (m0, m1 ...) the trace spreads over (default 10)")
+    gen.add_argument("--requests", type=int, default=10_000, help="arrivals (default 10000)")
+    gen.add_argument("--rate", type=float, default=1.0, help="arrivals per second, Poisson (default 1)")
+    gen.add_argument("--hot", type=int, help="models busy at a time (default: --slots, else 3)")
+    gen.add_argument("--hot-share", type=float, default=0.95, help="share of traffic to the hot models (0.95)")
+    gen.add_argument("--phase-s", type=float, default=1200.0, help="phase: seconds between mix changes (1200)")
+    gen.add_argument("--period-s", type=float, default=3600.0, help="periodic: cycle length in seconds (3600)")
+    gen.add_argument("--seed", type=int, default=0)
+
+
+def _live_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
+    p.add_argument("--strategies", default="single,random,round-robin,semantic,calm-nocache,calm",
+                   help="comma-separated, run in this order on the same workload")
+    p.add_argument("--workload", default="shift", help="steady, shift (phase shifts), burst, or a trace file")
+    p.add_argument("--queries", default="medium", help="small, medium, large or a number (default medium)")
+    p.add_argument("--rate", type=float, default=3.0, help="arrivals per second, Poisson (default 3)")
+    p.add_argument("--seed", type=int, default=7)
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--out", help="report directory (default reports/bench-<time>)")
+
+
+def _live(args: argparse.Namespace) -> int:
+    from calm.bench.commands import cmd_live
+
+    return cmd_live(args)
+
+
+def _overhead(args: argparse.Namespace) -> int:
+    from calm.bench.commands import cmd_overhead
+
+    return cmd_overhead(args)
+
+
+def _residency(args: argparse.Namespace) -> int:
+    from calm.bench.residency import cmd_residency
+
+    return cmd_residency(args)
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "bench": _live, "bench live": _live, "bench overhead": _overhead, "bench residency": _residency,
+}

@@ -1,0 +1,190 @@
+"""The ``forecast`` residency policy: keep loaded what the forecast says will be asked for next.
+
+Every planning interval it forecasts each model's requests over ``horizon_s`` (one forecaster per
+model over bucketed demand, nowcast with the bucket in progress), values each model as expected
+requests × cold-load cost (load time × value), and plans the resident set per worker that holds
+the most value within the memory budget (greedy by value per MB). A resident model keeps its place
+unless a rival is worth ``1 + hysteresis`` times more, and a model the plan prefetched stays at
+least ``min_residency_s``; these two keep it from thrashing. Loads the plan wants are prefetches:
+they happen before the requests come. Evictions go lowest value first, and only to make room. A
+model whose expected rate exceeds what one copy serves (``capacity_rps``) gets a copy on a second
+worker, up to ``max_replicas``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from broker.config import SchedulerSettings
+from calm_actors.forecast import Demand, Forecaster, make_forecaster
+from calm_actors.residency import Action, ModelCosts, Slot, make_room, place_on_demand
+
+MAX_HISTORY_BUCKETS = 8640  # how far back a fresh policy learns from (a day of 10 s buckets)
+KEEP = math.inf
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One copy of a model the plan may keep: its worth (raw and with the incumbent's bonus)."""
+
+    model: str
+    copy: int  # 1 for the first copy, 2 for a replica ...
+    expected: float  # requests this copy is expected to serve over the horizon
+    worth: float
+    ranked: float  # worth, raised for incumbents (hysteresis) or infinite when it must stay
+
+
+class ForecastPolicy:
+    """Plans residency from forecast demand × cold-load cost, with hysteresis and minimum residency."""
+
+    name = "forecast"
+
+    def __init__(self, settings: SchedulerSettings, demand: Demand, costs: ModelCosts | None = None) -> None:
+        self.settings = settings
+        self.demand = demand
+        self.costs = costs or ModelCosts()
+        self.horizon = max(1, round(settings.horizon_s / settings.bucket_s))
+        self._forecasters: dict[str, Forecaster] = {}
+        self._fed: int | None = None  # the first bucket the forecasters have not seen
+        self._prefetched: dict[tuple[str, str], float] = {}  # (worker, model) -> when the plan loaded it
+        self._expected_at: tuple[float, int, dict[str, float]] | None = None
+        self._settled: tuple[object, ...] | None = None  # inputs of the last plan that changed nothing
+
+    # -- forecasting ---------------------------------------------------------------
+    def expected(self, models: Iterable[str], now_s: float) -> dict[str, float]:
+        """Requests each model is expected to get from ``now_s`` to the end of the horizon."""
+        wanted = set(models) | set(self.demand.models())
+        cached = self._expected_at
+        if cached is not None and cached[:2] == (now_s, self.demand.version) and wanted <= cached[2].keys():
+            return cached[2]
+        self._catch_up(wanted, now_s)
+        current = self.demand.bucket(now_s)
+        fraction = now_s / self.demand.bucket_s - current
+        out = {m: self._forecasters[m].outlook(self.horizon, self.demand.count(m, current), fraction) for m in wanted}
+        self._expected_at = (now_s, self.demand.version, out)
+        return out
+
+    def _catch_up(self, models: set[str], now_s: float) -> None:
+        """Feed every completed bucket the forecasters have not seen yet."""
+        current = self.demand.bucket(now_s)
+        if self._fed is None:
+            first = self.demand.first_bucket()
+            self._fed = current if first is None else max(min(first, current), current - MAX_HISTORY_BUCKETS)
+        self._fed = max(self._fed, current - MAX_HISTORY_BUCKETS)
+        for model in models - set(self._forecasters):
+            self._forecasters[model] = make_forecaster(self.settings)
+        for bucket in range(self._fed, current):
+            for model, forecaster in self._forecasters.items():
+                forecaster.update((self.demand.count(model, bucket),))
+        self._fed = max(self._fed, current)
+
+    def worth(self, models: Iterable[str], now_s: float) -> dict[str, float]:
+        """Expected requests × what serving each warm saves."""
+        return {m: e * self.costs.cold_cost(m) for m, e in self.expected(models, now_s).items()}
+
+    # -- acting --------------------------------------------------------------------
+    def place(self, model: str, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
+              pinned: Iterable[str] = ()) -> list[Action]:
+        """A request needs ``model``: load it, evicting the models the forecast values least."""
+        worth = self.worth(memory_mb, now_s)
+
+        def key(slot: Slot, victim: str) -> tuple[float, float]:
+            return worth.get(victim, 0.0), slot.loaded[victim]
+
+        return place_on_demand(model, slots, memory_mb, pinned, key, "load on demand (lowest forecast makes room)")
+
+    def plan(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
+             pinned: Iterable[str] = ()) -> list[Action]:
+        """Prefetch what the plan wants where it is missing, evicting (lowest worth first) only for room."""
+        keep = set(pinned)
+        young = self._young(slots, now_s)
+        inputs = (self.demand.bucket(now_s), self.demand.version, frozenset(keep), frozenset(young),
+                  tuple((s.worker, s.budget_mb, frozenset(s.loaded)) for s in slots))
+        if inputs == self._settled:  # same demand, residents and protections: the plan stands
+            return []
+        entries = self._entries(slots, memory_mb, now_s, keep, young)
+        planned = self._assign(entries, slots, memory_mb)
+        worth = self.worth(memory_mb, now_s)
+        actions: list[Action] = []
+        for slot in slots:
+            want = planned[slot.worker]
+            protected = keep | {m for w, m in young if w == slot.worker} | set(want)
+            projected = Slot(slot.worker, slot.budget_mb, slot.servable, dict(slot.loaded))  # as it will be
+
+            def rank(model: str, held: dict[str, float] = projected.loaded) -> tuple[float, float]:
+                return worth.get(model, 0.0), held[model]
+
+            for model in sorted(set(want) - set(slot.loaded), key=lambda m: -want[m].worth):
+                need = memory_mb.get(model, 0.0)
+                victims = make_room(projected, need, memory_mb, protected, rank)
+                if victims is None:
+                    continue
+                for victim in victims:
+                    del projected.loaded[victim]
+                    actions.append(Action("evict", slot.worker, victim, f"plan: room for {model}"))
+                projected.loaded[model] = now_s
+                expected = want[model].expected
+                actions.append(Action("load", slot.worker, model,
+                                      f"prefetch: {expected:.1f} requests expected in {self.settings.horizon_s:.0f}s"))
+                self._prefetched[(slot.worker, model)] = now_s
+        self._settled = None if actions else inputs
+        return actions
+
+    def _young(self, slots: list[Slot], now_s: float) -> set[tuple[str, str]]:
+        """(worker, model) pairs the plan prefetched less than ``min_residency_s`` ago and still resident."""
+        held = {(s.worker, m) for s in slots for m in s.loaded}
+        self._prefetched = {k: t for k, t in self._prefetched.items() if k in held}
+        return {k for k, t in self._prefetched.items() if now_s - t < self.settings.min_residency_s}
+
+    def _entries(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float, keep: set[str],
+                 young: set[tuple[str, str]]) -> list[Entry]:
+        s = self.settings
+        expected = self.expected(memory_mb, now_s)
+        entries: list[Entry] = []
+        for model, demand in expected.items():
+            need = memory_mb.get(model, 0.0)
+            servers = [x for x in slots if model in x.servable and x.budget_mb >= need]
+            holders = [x for x in servers if model in x.loaded]
+            must = model in keep or any((x.worker, model) in young for x in holders)
+            capacity = self.costs.capacity_rps.get(model, 0.0) * s.horizon_s
+            for copy in range(1, min(s.max_replicas, len(servers)) + 1):
+                if copy > 1 and capacity <= 0:
+                    break
+                share = demand if copy == 1 else max(0.0, demand - (copy - 1) * capacity)
+                incumbent = copy <= len(holders)
+                if not incumbent and share < s.prefetch_min_requests:
+                    break
+                worth = share * self.costs.cold_cost(model)
+                if must and incumbent:
+                    ranked = KEEP
+                elif incumbent:
+                    ranked = worth * (1.0 + s.hysteresis)
+                else:
+                    ranked = worth
+                entries.append(Entry(model, copy, share, worth, ranked))
+        return entries
+
+    def _assign(self, entries: list[Entry], slots: list[Slot], memory_mb: Mapping[str, float]
+                ) -> dict[str, dict[str, Entry]]:
+        """Greedy knapsack per worker: copies in order of ranked worth per MB, incumbents where they are."""
+        room = {x.worker: x.budget_mb for x in slots}
+        planned: dict[str, dict[str, Entry]] = {x.worker: {} for x in slots}
+
+        def density(e: Entry) -> tuple[float, float, str, int]:
+            return -e.ranked / max(memory_mb.get(e.model, 0.0), 1e-6), -e.ranked, e.model, e.copy
+
+        for entry in sorted(entries, key=density):
+            if entry.ranked <= 0.0:
+                continue
+            need = memory_mb.get(entry.model, 0.0)
+            free = [x for x in slots if entry.model in x.servable and entry.model not in planned[x.worker]
+                    and room[x.worker] >= need]
+            if not free:
+                continue
+            holding = [x for x in free if entry.model in x.loaded]
+            target = holding[0] if holding else max(free, key=lambda x: room[x.worker])
+            planned[target.worker][entry.model] = entry
+            room[target.worker] -= need
+        return planned

@@ -1,0 +1,96 @@
+"""The scheduler live: ``calm up`` with a worker that cannot hold every model, under a shifting workload."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from broker.kb import KnowledgeBase, ModelState
+from broker.names import Names
+from calm_actors.scheduler import merge_domain_demand
+from tests.calmproc import calm_up, collect, send
+
+FAST = ("--set=streams.reclaim_idle_ms=1500", "--set=streams.reclaim_interval_ms=300",
+        "--set=executor.attempt_timeout_s=30", "--set=scheduler.worker_timeout_s=4",
+        "--set=scheduler.interval_ms=500", "--set=scheduler.bucket_s=2", "--set=scheduler.horizon_s=4",
+        "--set=scheduler.min_residency_s=2")
+
+
+def _cards(fleet: Path) -> dict[str, float]:
+    from workers.fleet.spec import load_fleet
+
+    return {c.name: float(c.memory_mb) for c in load_fleet(fleet).models}
+
+
+def _worker_events(client: redis.Redis, prefix: str) -> list[dict[str, str]]:
+    from broker.codec import decode
+    from broker.messages import WorkerEvent
+
+    events = []
+    rows: Any = client.xrange(f"{prefix}sched")
+    for entry_id, fields in rows:
+        message = decode(fields, entry_id.decode(), f"{prefix}sched")
+        if isinstance(message, WorkerEvent):
+            events.append({"event": message.event, "model": message.model, "detail": message.detail})
+    return events
+
+
+async def test_demand_is_counted_per_model_and_per_domain(aclient: aioredis.Redis, names: Names) -> None:
+    kb = KnowledgeBase(aclient, names)
+    pipe = aclient.pipeline(transaction=True)
+    kb.record_demand(pipe, "generalist", 100.0, bucket_s=10, domain="arithmetic")  # arith was cold: served elsewhere
+    kb.record_demand(pipe, "arith", 101.0, bucket_s=10, domain="arithmetic")
+    kb.record_demand(pipe, "arith", 125.0, bucket_s=10, domain="arithmetic")
+    kb.record_demand(pipe, "sort", 125.0, bucket_s=10)
+    await pipe.execute()
+    own = await kb.demand(["arith", "sort", "generalist"])
+    by_domain = await kb.domain_demand(["arithmetic", "sorting"])
+    assert own == {"arith": {10: 1, 12: 1}, "sort": {12: 1}, "generalist": {10: 1}}
+    assert by_domain == {"arithmetic": {10: 2, 12: 1}, "sorting": {}}
+    assert 0 < await aclient.ttl(names.domain_demand("arithmetic")) <= 3600
+    models = [ModelState("arith", domains=("arithmetic",)), ModelState("sort", domains=("sorting",)),
+              ModelState("generalist", domains=("arithmetic", "sorting"), baseline=True)]
+    merged = merge_domain_demand(models, own, by_domain)
+    # The specialist is credited with what its domain asked for, even what the generalist served.
+    assert merged == {"arith": {10: 2, 12: 1}, "sort": {12: 1}, "generalist": {10: 1}}
+    twins = [*models, ModelState("arith2", domains=("arithmetic",))]  # two specialists: nobody is credited
+    assert merge_domain_demand(twins, own, by_domain)["arith"] == {10: 1, 12: 1}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("policy", ["forecast", "lru"])
+def test_shifting_workload_within_a_budget_that_fits_only_some_models(
+        tiny_fleet: Path, redis_url: str, prefix: str, policy: str) -> None:
+    cards = _cards(tiny_fleet)
+    assert len(cards) >= 3 and all(mb > 0 for mb in cards.values())
+    budget = int(2 * max(cards.values()))  # by the cards two models fit, never all of them
+    client = redis.Redis.from_url(redis_url)
+    phases = [["arith", "sort"], ["generalist"], ["arith"], ["sort", "generalist"], ["arith"]]
+    samples = []
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", "--memory-mb", str(budget),
+                 f"--set=scheduler.policy={policy}", *FAST) as calm:
+        for n, models in enumerate(phases):
+            ids = set()
+            for i in range(8):
+                qid = f"{policy}-p{n}-{i}"
+                send(client, prefix, prompt=f"{i}+{n}=", id=qid, model=models[i % len(models)], max_new_tokens="4")
+                ids.add(qid)
+            got = collect(client, f"{prefix}replies", ids, timeout_s=120)
+            assert ids <= set(got), f"phase {n}: missing replies {sorted(ids - set(got))}"
+            assert all(got[q][0]["status"] == "ok" for q in ids), [got[q][0] for q in ids]
+            assert {got[q][0]["model"] for q in ids} == set(models)
+            samples.append(calm.status())
+        events = _worker_events(client, prefix)
+    for status in samples:
+        for worker in status["workers"].values():
+            assert worker["memory_budget_mb"] == budget
+            assert worker["memory_used_mb"] <= budget, worker
+    assert not [e for e in events if e["event"] == "load_failed"], "the scheduler only asks for what fits"
+    evicted = [e["model"] for e in events if e["event"] == "evicted" and e["detail"] != "worker stopping"]
+    loaded = [e["model"] for e in events if e["event"] == "loaded"]
+    assert evicted, "a budget that cannot hold every model forces evictions as the workload shifts"
+    assert set(loaded) == {"arith", "sort", "generalist"}
