@@ -63,6 +63,7 @@ def slo_shortfall(c: Candidate, q: Query) -> float:
     return miss
 
 
+PINNED = "pinned by the query"
 MAX_MARGIN_SCALE = 5.0
 NEVER_SEEN_S = 1e8
 
@@ -88,7 +89,7 @@ class UtilityStrategy:
 
     def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
         if query.model is not None:
-            return Decision(model=query.model, reason="pinned by the query")
+            return Decision(model=query.model, reason=PINNED)
         w = self.weights
         pool = [o.candidate for o in options if w.route_to_baseline or not o.baseline]
         pool = pool or [o.candidate for o in options]
@@ -138,62 +139,62 @@ class UtilityStrategy:
         return choice
 
 
-class SemanticStrategy:
+def routable_pool(options: list[Routable]) -> list[Candidate]:
+    """Non-baseline candidates sorted by name (all candidates when only baselines remain)."""
+    pool = [o.candidate for o in options if not o.baseline] or [o.candidate for o in options]
+    return sorted(pool, key=lambda c: c.model)
+
+
+class SimpleStrategy:
+    """Base of the benchmark strategies: pins are honoured, baselines left out, ``pick`` chooses."""
+
+    name = "simple"
+
+    def __init__(self, weights: PlannerSettings) -> None:
+        self.weights = weights
+
+    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
+        if query.model is not None:
+            return Decision(model=query.model, reason=PINNED)
+        pool = routable_pool(options)
+        return self.pick(query, pool) if pool else None
+
+    def pick(self, query: Query, pool: list[Candidate]) -> Decision:
+        raise NotImplementedError
+
+
+class SemanticStrategy(SimpleStrategy):
     """The paper's prototype in practice: the most similar model, nothing else considered."""
 
     name = "semantic"
 
-    def __init__(self, weights: PlannerSettings) -> None:
-        self.weights = weights
-
-    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
-        if query.model is not None:
-            return Decision(model=query.model, reason="pinned by the query")
-        pool = [o.candidate for o in options if not o.baseline] or [o.candidate for o in options]
-        if not pool:
-            return None
+    def pick(self, query: Query, pool: list[Candidate]) -> Decision:
         best = max(pool, key=lambda c: c.fit)
         return Decision(model=best.model, utility=best.fit, reason="most similar model (semantic routing)")
 
 
-class RandomStrategy:
+class RandomStrategy(SimpleStrategy):
     """A uniformly random non-baseline model (a control for benchmarks); seeded per query id."""
 
     name = "random"
 
-    def __init__(self, weights: PlannerSettings) -> None:
-        self.weights = weights
-
-    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
-        if query.model is not None:
-            return Decision(model=query.model, reason="pinned by the query")
-        pool = sorted((o.candidate for o in options if not o.baseline), key=lambda c: c.model)
-        pool = pool or sorted((o.candidate for o in options), key=lambda c: c.model)
-        if not pool:
-            return None
-        pick = pool[random.Random(query.id).randrange(len(pool))]
-        return Decision(model=pick.model, reason="random choice")
+    def pick(self, query: Query, pool: list[Candidate]) -> Decision:
+        return Decision(model=pool[random.Random(query.id).randrange(len(pool))].model, reason="random choice")
 
 
-class RoundRobinStrategy:
+class RoundRobinStrategy(SimpleStrategy):
     """Non-baseline models in turn (a control for benchmarks)."""
 
     name = "round-robin"
 
     def __init__(self, weights: PlannerSettings) -> None:
-        self.weights = weights
+        super().__init__(weights)
         self._next = 0
 
-    def choose(self, query: Query, options: list[Routable], now_s: float | None = None) -> Decision | None:
-        if query.model is not None:
-            return Decision(model=query.model, reason="pinned by the query")
-        pool = sorted((o.candidate for o in options if not o.baseline), key=lambda c: c.model)
-        pool = pool or sorted((o.candidate for o in options), key=lambda c: c.model)
-        if not pool:
-            return None
-        pick = pool[self._next % len(pool)]
+    def pick(self, query: Query, pool: list[Candidate]) -> Decision:
+        choice = pool[self._next % len(pool)]
         self._next += 1
-        return Decision(model=pick.model, reason="round robin")
+        return Decision(model=choice.model, reason="round robin")
 
 
 STRATEGIES: dict[str, Callable[[PlannerSettings], Strategy]] = {

@@ -227,3 +227,33 @@ def test_predict_scales_per_token_cost_for_long_asks() -> None:
     c = predict(_q(max_new_tokens=64), _view(state, loaded_on=("w1",)), 0.5, FleetView())
     assert c.latency_ms == pytest.approx(4.0 * 8)  # at least ms_per_token * min(tokens, 8)
     assert c.energy_j == pytest.approx(0.01 * 64)
+
+
+def _cands() -> list:  # type: ignore[type-arg]
+    from broker.messages import Candidate
+    from calm_actors.planning import Routable
+
+    def c(model: str, fit: float) -> Routable:
+        return Routable(Candidate(model=model, fit=fit, latency_ms=10, energy_j=0.1, quality=0.5, error_rate=0.0,
+                                  loaded=True, queue=0), baseline=model == "base")
+
+    return [c("b", 0.2), c("a", 0.9), c("base", 0.95), c("c", 0.5)]
+
+
+def test_benchmark_strategies_leave_the_baseline_out_and_honour_pins() -> None:
+    from broker.config import PlannerSettings
+    from broker.messages import Query
+    from calm_actors.planning import make_strategy
+
+    q = Query(id="q1", entry_id="1-0", prompt="p", reply_to="calm:replies")
+    semantic = make_strategy(PlannerSettings(strategy="semantic"))
+    assert semantic.choose(q, _cands()).model == "a"  # type: ignore[union-attr]
+    rr = make_strategy(PlannerSettings(strategy="round-robin"))
+    assert [rr.choose(q, _cands()).model for _ in range(4)] == ["a", "b", "c", "a"]  # type: ignore[union-attr]
+    rnd = make_strategy(PlannerSettings(strategy="random"))
+    picks = {rnd.choose(Query(id=f"q{i}", entry_id="1-0", prompt="p", reply_to="calm:replies"),  # type: ignore[union-attr]
+                        _cands()).model for i in range(50)}
+    assert picks == {"a", "b", "c"}
+    pinned = Query(id="q", entry_id="1-0", prompt="p", reply_to="calm:replies", model="base")
+    for strategy in (semantic, rr, rnd):
+        assert strategy.choose(pinned, _cands()).model == "base"  # type: ignore[union-attr]
