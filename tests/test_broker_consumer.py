@@ -18,7 +18,7 @@ async def _run_until(consumer: StreamConsumer, predicate, timeout_s: float = 20.
     task = asyncio.create_task(consumer.run())
     try:
         async with asyncio.timeout(timeout_s):
-            while not await predicate():
+            while not await predicate():  # noqa: ASYNC110 - polls state in Redis, no event to wait on
                 await asyncio.sleep(0.02)
     finally:
         consumer.stop()
