@@ -34,21 +34,34 @@ class ResolvedRedis:
 
 def answers(url: str, timeout_s: float = 1.0) -> bool:
     """True when a server at ``url`` replies to PING."""
+    return probe(url, timeout_s) is None
+
+
+def probe(url: str, timeout_s: float = 1.0) -> str | None:
+    """None when a server at ``url`` replies to PING, else why not (without the URL's secrets)."""
     try:
         client = redis.Redis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
         try:
-            return bool(client.ping())
+            client.ping()
+            return None
         finally:
             client.close()
+    except redis.exceptions.AuthenticationError:
+        return f"authentication failed at {redact(url)}"
+    except redis.exceptions.ResponseError as e:
+        if "NOAUTH" in str(e) or "WRONGPASS" in str(e) or "NOPERM" in str(e):
+            return f"authentication failed at {redact(url)}"
+        return f"the server at {redact(url)} refused: {e}"
     except (redis.exceptions.RedisError, OSError, ValueError):
-        return False
+        return f"no Redis server answers at {redact(url)}"
 
 
 def resolve(settings: RedisSettings) -> ResolvedRedis:
     """Pick the server: ``settings.url`` if given (it must answer), else the default URL, else embedded."""
     if settings.url:
-        if not answers(settings.url, settings.connect_timeout_s):
-            raise ConnectionFailed(f"no Redis server answers at {_redact(settings.url)}")
+        problem = probe(settings.url, settings.connect_timeout_s)
+        if problem:
+            raise ConnectionFailed(problem)
         return ResolvedRedis(settings.url)
     if answers(DEFAULT_REDIS_URL, settings.connect_timeout_s):
         return ResolvedRedis(DEFAULT_REDIS_URL)
@@ -78,7 +91,8 @@ def sync_client(url: str, settings: RedisSettings) -> redis.Redis:
     return redis.Redis.from_url(url, socket_connect_timeout=settings.connect_timeout_s, socket_timeout=10.0)
 
 
-def _redact(url: str) -> str:
+def redact(url: str) -> str:
+    """``url`` without its password."""
     if "@" not in url:
         return url
     scheme, _, rest = url.partition("://")

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from broker.config import Settings, load_settings
-from broker.connection import resolve
+from broker.connection import redact, resolve
 from broker.errors import BrokerError
 from calm import logs
 
@@ -222,7 +222,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         async with running_system(settings, resolved.url, fleet, _system_spec(args)):
-            print(f"CALM ready: {len(ROLES)} actors and {args.workers} worker(s) on {_redact(resolved.url)}, "
+            print(f"CALM ready: {len(ROLES)} actors and {args.workers} worker(s) on {redact(resolved.url)}, "
                   f"prefix {settings.redis.prefix!r}, fleet {fleet} (supervisor pid {os.getpid()})", flush=True)
             await stop.wait()
         return EXIT_OK
@@ -271,7 +271,7 @@ def cmd_query(args: argparse.Namespace) -> int:
     from calm.client import ask
 
     settings = settings_from(args)
-    url = _server_url(settings, allow_embedded=False)
+    url = _server_url(settings)
 
     async def run() -> dict[str, str]:
         redis = client(url, settings.redis)
@@ -297,7 +297,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     from calm.status import print_status
 
     settings = settings_from(args)
-    url = _server_url(settings, allow_embedded=False)
+    url = _server_url(settings)
     return print_status(settings, url, as_json=args.json, decisions=args.decisions)
 
 
@@ -386,21 +386,16 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
 }
 
 
-def _server_url(settings: Settings, allow_embedded: bool = True) -> str:
+def _server_url(settings: Settings) -> str:
     """The server to talk to; processes that are not the supervisor never start an embedded one."""
     from broker.config import DEFAULT_REDIS_URL
-    from broker.connection import answers
+    from broker.connection import probe
 
     url = settings.redis.url or DEFAULT_REDIS_URL
-    if not answers(url, settings.redis.connect_timeout_s):
+    problem = probe(url, settings.redis.connect_timeout_s)
+    if problem:
         hint = "" if settings.redis.url else " (set CALM_REDIS_URL, or start CALM with 'calm up')"
-        raise BrokerError(f"no Redis server answers at {_redact(url)}{hint}")
-    del allow_embedded
+        raise BrokerError(f"{problem}{hint}")
     return url
 
 
-def _redact(url: str) -> str:
-    if "@" not in url:
-        return url
-    scheme, _, rest = url.partition("://")
-    return f"{scheme}://***@{rest.split('@', 1)[1]}"
