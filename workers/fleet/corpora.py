@@ -94,9 +94,7 @@ class Code:
 
     def train_documents(self, seed: int) -> Iterator[Document]:
         """Training files in a seeded order (read lazily)."""
-        files = [
-            (rel, p) for rel, p in stdlib_files() if not is_heldout(f"code:{rel}", self.heldout_fraction)
-        ]
+        files = [(rel, p) for rel, p in stdlib_files() if not is_heldout(f"code:{rel}", self.heldout_fraction)]
         random.Random(f"{self.name}:train:{seed}").shuffle(files)
         for rel, path in files:
             text = _read(path)

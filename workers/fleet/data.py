@@ -49,6 +49,26 @@ def eval_items(name: str, data: DataRecipe) -> list[EvalItem]:
     return get_domain(name, data).eval_items(n, data.eval_seed)
 
 
+def tokenizer_texts(
+    domains: tuple[str, ...], data: DataRecipe, pairs: int = 4000, text_chars: int = 1_500_000
+) -> list[str]:
+    """Training-split samples of each domain to train the fleet's shared tokenizer on."""
+    texts: list[str] = []
+    for name in domains:
+        domain = get_domain(name, data)
+        if isinstance(domain, Arithmetic | Sorting):
+            stream = domain.train_pairs(seed=0)
+            texts.extend(p + c for p, c in (next(stream) for _ in range(pairs)))
+        else:
+            size = 0
+            for _, text in domain.train_documents(seed=0):
+                texts.append(text)
+                size += len(text)
+                if size >= text_chars:
+                    break
+    return texts
+
+
 def write_eval_set(path: Path, items: list[EvalItem]) -> Path:
     """Write `items` as JSON lines `{"prompt", "reference", "domain"}`."""
     path.parent.mkdir(parents=True, exist_ok=True)

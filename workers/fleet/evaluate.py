@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from workers.fleet.greedy import GreedyOnnx
@@ -26,7 +26,7 @@ def evaluate_items(model: GreedyOnnx, items: Sequence[EvalItem]) -> list[float]:
 
 
 def evaluate_model(
-    model_dir: Path, eval_sets: dict[str, Sequence[EvalItem]], eos_token: str, threads: int = 2
+    model_dir: Path, eval_sets: Mapping[str, Sequence[EvalItem]], eos_token: str, threads: int = 2
 ) -> dict[str, float]:
     """Quality per domain as `{"<domain>.<metric>": value}`, plus the bare metric for one domain."""
     model = GreedyOnnx(model_dir, eos_token=eos_token, threads=threads)

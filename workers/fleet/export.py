@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Sequence
 from pathlib import Path
 
-from workers.fleet.spec import DEFAULT_EOS, MODEL_FILE, Fleet, ModelCard, add_model_card
+from workers.fleet.spec import DEFAULT_EOS, FLEET_FILE, MODEL_FILE, FleetError, ModelCard, add_model_card, load_fleet
 
 log = logging.getLogger(__name__)
 
@@ -26,15 +26,19 @@ _PROBE_SENTENCES = (
     "Redis Streams carry the queries between the actors.",
     "A quick brown fox jumps over the lazy dog.",
 )
-_KEEP = ("model.onnx", "tokenizer.json", "config.json", "generation_config.json", "tokenizer_config.json",
-         "special_tokens_map.json")
+_KEEP = (
+    "model.onnx",
+    "tokenizer.json",
+    "config.json",
+    "generation_config.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+)
 
 
 def _quiet() -> None:
     for name in ("optimum", "transformers", "torch.onnx"):
         logging.getLogger(name).setLevel(logging.ERROR)
-    warnings.filterwarnings("ignore", category=UserWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)
     try:
         from transformers.utils import logging as hf_logging
 
@@ -49,7 +53,8 @@ def _optimum_export(source: Path, out_dir: Path, task: str, library: str | None 
 
     _quiet()
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory(prefix="calm-export-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="calm-export-") as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
         main_export(
             str(source),
             output=tmp,
@@ -86,13 +91,15 @@ def export_causal_lm(checkpoint_dir: Path, out_dir: Path, int8: bool = False) ->
     return out_dir / MODEL_FILE
 
 
-def quantize_int8(onnx_path: Path) -> None:
-    """Dynamic int8 weight quantisation of `onnx_path`, in place."""
+def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
+    """Dynamic int8 weight quantisation (per channel) of `onnx_path` into `out_path` (default: in place)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    tmp = onnx_path.with_name("model.int8.onnx")
-    quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8)
-    tmp.replace(onnx_path)
+    target = out_path or onnx_path
+    tmp = target.with_name(target.stem + ".quant-tmp.onnx")
+    quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+    tmp.replace(target)
+    return target
 
 
 def embedder_source() -> Path:
@@ -141,9 +148,7 @@ def export_embedder(out_dir: Path, int8: bool = True) -> Path:
     if int8:
         fp32 = embed(onnx_path, out_dir / "tokenizer.json", _PROBE_SENTENCES)
         q_path = out_dir / "model.int8.onnx"
-        from onnxruntime.quantization import QuantType, quantize_dynamic
-
-        quantize_dynamic(str(onnx_path), str(q_path), weight_type=QuantType.QInt8)
+        quantize_int8(onnx_path, q_path)
         q = embed(q_path, out_dir / "tokenizer.json", _PROBE_SENTENCES)
         worst = min(sum(a * b for a, b in zip(u, v, strict=True)) for u, v in zip(fp32, q, strict=True))
         if worst >= EMBEDDER_COSINE_MIN:
@@ -166,7 +171,7 @@ def count_params(checkpoint_dir: Path) -> int:
     total = 0
     for f in sorted(Path(checkpoint_dir).glob("*.safetensors")):
         with safe_open(str(f), framework="np") as st:
-            for key in st.keys():  # noqa: SIM118 - safe_open is not a mapping
+            for key in st.keys():
                 shape = st.get_slice(key).get_shape()
                 total += math.prod(shape)
     return total
@@ -181,17 +186,20 @@ def export_checkpoint_to_fleet(
     prompt_template: str = "{prompt}",
     int8: bool = False,
     domains: Sequence[str] = (),
-) -> Fleet:
-    """Export a HF causal LM checkpoint into `fleet_dir/models/<name>/` and add its card to fleet.toml.
+) -> ModelCard:
+    """Export a HF causal LM checkpoint into `fleet_dir/models/<name>/`, add its card to fleet.toml
+    and return the card.
 
     Used by `calm fleet export`; the fleet directory and its fleet.toml are created when absent.
     """
     checkpoint, fleet_dir = Path(checkpoint), Path(fleet_dir)
     if not (checkpoint / "config.json").is_file():
-        raise FileNotFoundError(f"{checkpoint}: not a HF checkpoint (no config.json)")
+        raise FleetError(f"{checkpoint}: not a HF checkpoint (no config.json)")
+    if (fleet_dir / FLEET_FILE).is_file() and name in load_fleet(fleet_dir).names:
+        raise FleetError(f"{fleet_dir / FLEET_FILE}: already has a model named {name!r}")
     model_dir = fleet_dir / "models" / name
     if model_dir.exists():
-        raise FileExistsError(f"{model_dir} already exists")
+        raise FleetError(f"{model_dir} already exists; remove it or choose another name")
     onnx_path = export_causal_lm(checkpoint, model_dir, int8=int8)
     card = ModelCard(
         name=name,
@@ -205,7 +213,7 @@ def export_checkpoint_to_fleet(
         source=f"export:{checkpoint.resolve()}",
         eos_token=_eos_token(checkpoint),
     )
-    return add_model_card(fleet_dir, card)
+    return add_model_card(fleet_dir, card).model(name)
 
 
 def _eos_token(checkpoint: Path) -> str:

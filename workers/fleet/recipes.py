@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from workers.fleet.data import DataRecipe
 
-BUILDER_VERSION = "1"
+BUILDER_VERSION = "2"
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +47,8 @@ class ModelRecipe:
     weight_decay: float = 0.01
     max_positions: int = 512
     int8: bool = False
+    tokenizer_domains: tuple[str, ...] = ()
+    vocab_size: int = 0
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -86,6 +88,14 @@ class FleetRecipe:
         for model in self.models:
             out.extend(d for d in model.domains if d not in out)
         return tuple(out)
+
+    def tokenizer_domains(self, model: ModelRecipe) -> tuple[str, ...]:
+        """Domains `model`'s tokenizer is trained on: its own `tokenizer_domains`, else the fleet's."""
+        return model.tokenizer_domains or self.domains
+
+    def tokenizer_key(self, model: ModelRecipe) -> tuple[tuple[str, ...], int]:
+        """(domains, vocab size) of `model`'s tokenizer; models with equal keys share one tokenizer."""
+        return self.tokenizer_domains(model), model.vocab_size or self.vocab_size
 
     def scaled(self, steps_scale: float) -> FleetRecipe:
         """The recipe with every model's steps scaled (tests use this to build quickly)."""

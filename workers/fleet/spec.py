@@ -244,7 +244,7 @@ def add_model_card(directory: Path | str, card: ModelCard, replace_existing: boo
         fleet = Fleet(root=root, name=root.name, models=())
     if card.name in fleet.names and not replace_existing:
         raise FleetError(f"{root / FLEET_FILE}: already has a model named {card.name!r}")
-    models = tuple(c for c in fleet.models if c.name != card.name) + (card,)
+    models = (*tuple(c for c in fleet.models if c.name != card.name), card)
     fleet = replace(fleet, models=models)
     write_fleet(fleet)
     return load_fleet(root)

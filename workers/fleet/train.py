@@ -1,7 +1,7 @@
 """Training a small LlamaForCausalLM from scratch on a model recipe's data plan (CPU, deterministic).
 
 Pair domains: one (prompt, completion) per row, loss on the completion and EOS only.
-Text domains: contiguous windows of a document stream (documents joined by EOS), loss on all tokens.
+Text domains: windows of a document stream (documents joined by EOS) in shuffled order, loss on all tokens.
 Steps of the plan's domains are interleaved evenly. The result is a normal HF checkpoint directory.
 """
 
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +68,16 @@ def text_windows(tok: Tokenizer, docs: Iterator[tuple[str, str]], eos_id: int, l
             buf = buf[length:]
 
 
+def shuffled_windows(windows: Iterator[list[int]], count: int, seed: int) -> Iterator[list[int]]:
+    """The first `count` windows in a seeded random order, repeated endlessly.
+
+    Consecutive windows come from the same file; shuffling them makes each batch a mix of files.
+    """
+    pool = list(itertools.islice(windows, count))
+    random.Random(f"windows:{seed}").shuffle(pool)
+    return itertools.cycle(pool)
+
+
 class _Feed:
     """Endless batches for one domain of the plan."""
 
@@ -86,7 +97,9 @@ class _Feed:
                 for epoch in itertools.count():
                     yield from dom.train_documents(seed + epoch)
 
-            self.windows = text_windows(tok, cycle(), eos_id, plan.seq_len)
+            self.windows = shuffled_windows(
+                text_windows(tok, cycle(), eos_id, plan.seq_len), plan.steps * plan.batch, seed
+            )
 
     def next_batch(self) -> tuple[list[list[int]], list[list[int]], list[list[int]]]:
         """(input_ids, attention_mask, labels) as right-padded lists."""

@@ -1,0 +1,186 @@
+"""`build_fleet`: turn a profile's recipe into a fleet directory, or find it in the build cache.
+
+The cache entry is `<cache_dir>/fleets/<profile>-<hash12>/`; a hit returns at once and imports no
+torch. A miss takes a per-entry file lock (one build at a time; waiters then find it built), builds
+into a temporary sibling directory and renames it into place, so a crashed build never leaves a
+half-written fleet under the final name. Models are built in worker processes (one math thread
+each on a small CPU): tiny models training side by side finish sooner than one after another
+with more threads each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from workers.fleet.data import eval_items, tokenizer_texts, write_eval_set
+from workers.fleet.jobs import ModelJob, ModelOutcome
+from workers.fleet.profiles import PROFILES
+from workers.fleet.recipes import FleetRecipe, recipe_hash
+from workers.fleet.runner import BuildError, run_jobs
+from workers.fleet.spec import FLEET_FILE, MODEL_FILE, Fleet, FleetError, ModelCard, load_fleet, write_fleet
+
+__all__ = ["DEFAULT_CACHE_DIR", "BuildError", "build_fleet", "cache_entry"]
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path("~/.cache/calm")
+
+
+def cache_entry(cache_dir: Path, recipe: FleetRecipe) -> Path:
+    """Where the fleet built from `recipe` lives in the cache."""
+    return Path(cache_dir).expanduser() / "fleets" / f"{recipe.profile}-{recipe_hash(recipe)[:12]}"
+
+
+def build_fleet(
+    profile: str,
+    cache_dir: Path = DEFAULT_CACHE_DIR,
+    out: Path | None = None,
+    progress: bool = True,
+    steps_scale: float = 1.0,
+    workers: int | None = None,
+) -> Path:
+    """Build the fleet of `profile` (or find it in `cache_dir`) and return its directory.
+
+    With `out`, the fleet is also copied there and `out` is returned. `steps_scale` shrinks every
+    model's training steps (for tests; it changes the recipe hash). `workers` is the number of
+    build processes (default: one per CPU, at most one per job); each gets CPUs / workers threads.
+    Worker processes are spawned, so a script calling this with `workers` > 1 needs the usual
+    `if __name__ == "__main__":` guard; `workers=1` builds in this process.
+    """
+    if profile not in PROFILES:
+        raise FleetError(f"unknown fleet profile {profile!r}; known: {', '.join(PROFILES)}")
+    recipe = PROFILES[profile].scaled(steps_scale)
+    entry = cache_entry(cache_dir, recipe)
+    if not _complete(entry):
+        entry.parent.mkdir(parents=True, exist_ok=True)
+        with _locked(entry.parent / f".{entry.name}.lock"):
+            if not _complete(entry):  # another process may have built it while we waited
+                _build_and_publish(recipe, entry, progress, workers)
+        load_fleet(entry)
+    if out is None:
+        return entry
+    out = Path(out).expanduser().resolve()
+    if _complete(out) and load_fleet(out).recipe_hash == recipe_hash(recipe):
+        return out
+    if out.exists() and any(out.iterdir()):
+        raise FleetError(f"{out}: exists and is not this fleet; choose an empty or new directory")
+    shutil.copytree(entry, out, dirs_exist_ok=True)
+    load_fleet(out)
+    return out
+
+
+def _complete(path: Path) -> bool:
+    return (path / FLEET_FILE).is_file()
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock on `path` (one build per cache entry at a time)."""
+    import fcntl
+
+    with path.open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def _build_and_publish(recipe: FleetRecipe, entry: Path, progress: bool, workers: int | None) -> None:
+    """Build into a temporary sibling of `entry`, then rename it into place (a half-built leftover is replaced)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
+    try:
+        _build_into(recipe, tmp, progress=progress, workers=workers)
+        if entry.exists():
+            shutil.rmtree(entry)
+        os.rename(tmp, entry)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | None) -> None:
+    from workers.fleet.tokenizer import train_tokenizer
+
+    started = time.perf_counter()
+    digest = recipe_hash(recipe)
+    eval_paths: dict[str, Path] = {}
+    for domain in recipe.domains:
+        eval_paths[domain] = write_eval_set(root / "eval" / f"{domain}.jsonl", eval_items(domain, recipe.data))
+    tok_paths: dict[tuple[tuple[str, ...], int], Path] = {}
+    for m in recipe.models:
+        key = recipe.tokenizer_key(m)
+        if key not in tok_paths:
+            domains, vocab = key
+            tok_paths[key] = root / "tokenizers" / f"{'+'.join(domains)}-{vocab}.json"
+            tok_paths[key].parent.mkdir(exist_ok=True)
+            train_tokenizer(tokenizer_texts(domains, recipe.data), vocab).save(str(tok_paths[key]))
+    jobs = [
+        ModelJob(
+            recipe=m,
+            data=recipe.data,
+            tokenizer_json=tok_paths[recipe.tokenizer_key(m)],
+            checkpoint_dir=root / "checkpoints" / m.name,
+            model_dir=root / "models" / m.name,
+            eval_sets={d: eval_paths[d] for d in m.domains},
+        )
+        for m in recipe.models
+    ]
+    outcomes = run_jobs(
+        jobs, root / "embedder" if recipe.with_embedder else None, recipe.embedder_int8, progress, workers
+    )
+    shutil.rmtree(root / "tokenizers", ignore_errors=True)
+    shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
+    for o in outcomes.values():
+        log.info(
+            "%s: %d params, %d steps, train %.1f s, export %.1f s, eval %.1f s, cpu %.1f s, %s",
+            o.name,
+            o.params,
+            o.train_steps,
+            o.train_wall_s,
+            o.export_s,
+            o.eval_s,
+            o.cpu_s,
+            o.quality,
+        )
+    fleet = Fleet(
+        root=root,
+        name=f"calm-{recipe.profile}",
+        profile=recipe.profile,
+        recipe_hash=digest,
+        embedder_path=root / "embedder" if recipe.with_embedder else None,
+        models=cards,
+        eval_sets={d: p for d, p in eval_paths.items()},
+    )
+    write_fleet(fleet)
+    log.info("built fleet %s in %.1f s", recipe.profile, time.perf_counter() - started)
+
+
+def _card(job: ModelJob, outcome: ModelOutcome, digest: str) -> ModelCard:
+    m = job.recipe
+    onnx = job.model_dir / MODEL_FILE
+    return ModelCard(
+        name=m.name,
+        path=f"models/{m.name}",
+        description=m.description,
+        examples=m.examples,
+        prompt_template="{prompt}",
+        domains=m.domains,
+        params=outcome.params,
+        memory_mb=max(1, math.ceil(onnx.stat().st_size * 1.5 / 2**20)),
+        baseline=m.baseline,
+        source=f"calm-builder:{m.name}@{digest[:12]}",
+        train_steps=outcome.train_steps,
+        train_tokens=outcome.train_tokens,
+        train_wall_s=outcome.train_wall_s,
+        quality=outcome.quality,
+        eos_token="<|endoftext|>",
+    )

@@ -1,0 +1,132 @@
+"""Running a fleet's build jobs: in spawned worker processes (or in-process with one worker),
+longest first, with rich progress bars on stderr fed by the workers' step counts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import multiprocessing as mp
+import os
+import warnings
+from collections.abc import Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, wait
+from pathlib import Path
+from queue import Empty, SimpleQueue
+from typing import Any
+
+from workers.fleet import jobs as jobs_module
+from workers.fleet.data import PAIR_DOMAINS
+from workers.fleet.jobs import ModelJob, ModelOutcome, init_worker, run_embedder_job, run_model_job
+
+
+class BuildError(RuntimeError):
+    """Training, exporting or evaluating one of the fleet's models failed."""
+
+
+def _cost(job: ModelJob) -> float:
+    """Rough training cost (parameters × tokens) used to start the longest jobs first."""
+    m = job.recipe
+    per_layer = 4 * m.hidden**2 + 3 * m.hidden * m.intermediate
+    pair_tokens = sum(p.steps * p.batch * 12 for p in m.plan if p.domain in PAIR_DOMAINS)
+    text_tokens = sum(p.steps * p.batch * p.seq_len for p in m.plan if p.domain not in PAIR_DOMAINS)
+    return float(m.layers * per_layer * (pair_tokens + text_tokens))
+
+
+def run_jobs(
+    jobs: list[ModelJob], embedder_dir: Path | None, embedder_int8: bool, progress: bool, workers: int | None
+) -> dict[str, ModelOutcome]:
+    """Run every model job (and the embedder export) and return the outcomes by model name."""
+    cpus = _cpus()
+    n_jobs = len(jobs) + (embedder_dir is not None)
+    n_workers = max(1, workers or min(cpus, n_jobs))
+    threads = max(1, cpus // n_workers)
+    ordered = sorted(jobs, key=_cost, reverse=True)
+    with _progress_bars(progress, jobs, embedder_dir is not None) as bars:
+        if n_workers == 1:
+            return _run_serial(ordered, embedder_dir, embedder_int8, bars, threads)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        with ProcessPoolExecutor(
+            max_workers=n_workers, mp_context=ctx, initializer=init_worker, initargs=(queue, threads)
+        ) as pool:
+            futures: dict[Future[Any], str] = {pool.submit(run_model_job, j): j.recipe.name for j in ordered}
+            if embedder_dir is not None:
+                futures[pool.submit(run_embedder_job, embedder_dir, embedder_int8)] = "embedder"
+            pending = set(futures)
+            while pending:
+                done, pending = wait(pending, timeout=0.2)
+                _drain(queue, bars)
+                for fut in done:
+                    error = fut.exception()
+                    if error is not None:
+                        for other in pending:
+                            other.cancel()
+                        raise BuildError(f"building {futures[fut]!r} failed: {error}") from error
+            _drain(queue, bars)
+    return {name: fut.result() for fut, name in futures.items() if name != "embedder"}
+
+
+def _run_serial(
+    jobs: list[ModelJob], embedder_dir: Path | None, embedder_int8: bool, bars: dict[str, Any], threads: int
+) -> dict[str, ModelOutcome]:
+    """Run every job in this process (`workers=1`: no child processes, so no `__main__` guard needed)."""
+    queue: SimpleQueue[tuple[str, int]] = SimpleQueue()
+    outcomes: dict[str, ModelOutcome] = {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jobs_module.use_progress_queue(queue, threads)
+        try:
+            for job in jobs:
+                outcomes[job.recipe.name] = run_model_job(job)
+                _drain(queue, bars)
+            if embedder_dir is not None:
+                run_embedder_job(embedder_dir, embedder_int8)
+                _drain(queue, bars)
+        finally:
+            jobs_module.use_progress_queue(None, 1)
+    return outcomes
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def _drain(queue: Any, bars: dict[str, Any]) -> None:
+    while True:
+        try:
+            name, step = queue.get_nowait()
+        except Empty:
+            return
+        update = bars.get(name)
+        if update is not None:
+            update(step)
+
+
+@contextlib.contextmanager
+def _progress_bars(enabled: bool, jobs: list[ModelJob], embedder: bool) -> Iterator[dict[str, Any]]:
+    """Rich progress bars on stderr (one per model, counting training steps); no-ops when disabled."""
+    if not enabled:
+        yield {}
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    with Progress(
+        TextColumn("[bold]{task.description:<12}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=Console(stderr=True),
+        transient=False,
+    ) as prog:
+        bars: dict[str, Any] = {}
+        for job in jobs:
+            task = prog.add_task(job.recipe.name, total=job.recipe.steps)
+            bars[job.recipe.name] = lambda step, t=task: prog.update(t, completed=step)
+        if embedder:
+            task = prog.add_task("embedder", total=1)
+            bars["embedder"] = lambda step, t=task: prog.update(t, completed=step)
+        yield bars
