@@ -89,7 +89,10 @@ def test_shifting_workload_within_a_budget_that_fits_only_some_models(
         for worker in status["workers"].values():
             assert worker["memory_budget_mb"] == budget
             assert worker["memory_used_mb"] <= budget, worker
-    assert not [e for e in events if e["event"] == "load_failed"], "the scheduler only asks for what fits"
+    # A model's true size is known only once loaded: the worker may refuse a load its measured size does not
+    # fit (and the scheduler re-plans with that size); any other refusal means the plan ignored the budget.
+    refused = [e for e in events if e["event"] == "load_failed" and "measured" not in e["detail"]]
+    assert not refused, "the scheduler only asks for what fits"
     evicted = [e["model"] for e in events if e["event"] == "evicted" and e["detail"] != "worker stopping"]
     loaded = [e["model"] for e in events if e["event"] == "loaded"]
     assert evicted, "a budget that cannot hold every model forces evictions as the workload shifts"

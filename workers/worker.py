@@ -85,6 +85,7 @@ class Worker:
         self.meter: EnergyMeter = make_energy_meter(self.ws.device, self.ws.watts_per_core, self.ws.gpu_index)
         self.device = self.ws.device
         self.hosted: dict[str, Hosted] = {}
+        self._measured: dict[str, float] = {}  # model -> MB its engine took when last loaded here
         self.inflight = 0
         self.faults: dict[str, Fault] = {}
         self._fault_rng = random.Random(0)
@@ -92,8 +93,22 @@ class Worker:
         self._control_lock = asyncio.Lock()
 
     # -- lifecycle -----------------------------------------------------------------
+    async def prime(self) -> None:
+        """Load and close the smallest model once, so the runtime's one-time allocations (arenas, thread
+        pools) are not charged to the first model a later RSS measurement sees."""
+        if not self.cards:
+            return
+        smallest = min(self.cards.values(), key=lambda c: (c.memory_mb, c.params))
+        try:
+            engine = await asyncio.get_running_loop().run_in_executor(self._pool, self.factory, smallest, self.fleet)
+        except Exception as e:  # a broken model is reported when it is really loaded
+            log.debug("priming with %s failed: %s", smallest.name, e)
+            return
+        engine.close()
+
     async def start(self) -> None:
         """Register (clearing what a previous life of this worker id left), subscribe to control, preload."""
+        await self.prime()
         ttl = self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR
         previous = (await self.rt.kb.workers()).get(self.id)
         pipe = self.rt.client.pipeline(transaction=True)
@@ -190,8 +205,8 @@ class Worker:
             problem = None
             if card is None:
                 problem = f"model {model!r} is not servable by worker {self.id}"
-            elif self.memory_used_mb + card.memory_mb > self.ws.memory_mb:
-                problem = (f"{model} needs ~{card.memory_mb} MB; {self.memory_used_mb:.0f} of "
+            elif self.memory_used_mb + self._expected_mb(card) > self.ws.memory_mb:
+                problem = (f"{model} needs ~{self._expected_mb(card):.1f} MB; {self.memory_used_mb:.1f} of "
                            f"{self.ws.memory_mb} MB in use")
             if problem is None and card is not None:
                 try:
@@ -200,6 +215,14 @@ class Worker:
                 except Exception as e:
                     problem = f"loading {model} failed: {e}"
                 else:
+                    measured = max(engine.memory_bytes / 2**20, 0.1)
+                    self._measured[model] = measured
+                    if self.memory_used_mb + measured > self.ws.memory_mb:  # the budget holds on measured sizes
+                        engine.close()
+                        problem = (f"{model} measured {measured:.1f} MB; {self.memory_used_mb:.1f} of "
+                                   f"{self.ws.memory_mb} MB in use")
+                        await self.rt.client.hset(self.names.model(model), "memory_mb", f"{measured:.1f}")
+                if problem is None:
                     await self._host(card, engine)
                     log.info("loaded %s in %.2fs (%.1f MB) [%s]", model, engine.load_s,
                              self.hosted[model].memory_mb, reason)
@@ -207,6 +230,10 @@ class Worker:
             log.error("%s", problem)
             await self._event("load_failed", model, problem or "")
             return False
+
+    def _expected_mb(self, card: ModelCard) -> float:
+        """What loading ``card`` will take: its last measured size here, else the card's estimate."""
+        return max(float(card.memory_mb), self._measured.get(card.name, 0.0))
 
     async def _host(self, card: ModelCard, engine: Engine) -> None:
         memory_mb = max(engine.memory_bytes / 2**20, 0.1)
