@@ -15,7 +15,7 @@ from redis.commands.core import AsyncScript
 from broker.names import Names
 
 CARD_FIELDS = ("description", "examples", "domains", "prompt_template", "params", "memory_mb", "source",
-               "baseline", "quality", "eos_token")
+               "baseline", "quality", "eos_token", "max_context")
 QOS_FIELDS = ("latency_ms", "queue_ms", "ms_per_token", "tokens_per_s", "energy_per_token_j", "energy_j",
               "confidence", "error_rate")
 
@@ -66,6 +66,7 @@ class ModelState:
     baseline: bool = False
     source: str = ""
     quality: dict[str, float] = field(default_factory=dict)
+    max_context: int = 0  # tokens the model can attend to (0: unknown)
     latency_ms: float | None = None
     queue_ms: float | None = None
     ms_per_token: float | None = None
@@ -324,6 +325,7 @@ def _model_state(name: str, row: Mapping[bytes, bytes]) -> ModelState:
         baseline=row.get(b"baseline") in (b"1", b"true", b"True"),
         source=_s(row.get(b"source", b"")),
         quality=dict(_json(row, "quality", {})),
+        max_context=int(_f(row, "max_context") or 0),
         latency_ms=_f(row, "latency_ms"),
         queue_ms=_f(row, "queue_ms"),
         ms_per_token=_f(row, "ms_per_token"),

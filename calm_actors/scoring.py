@@ -69,8 +69,19 @@ def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Cand
 
 
 def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: PlannerSettings) -> list[Candidate]:
-    """A candidate for every routable model."""
-    return [predict(query, m, semantic_fit(embedding, m.profile, learned_row(m)), view) for m in view.models.values()]
+    """A candidate for every routable model whose context can hold the prompt."""
+    return [predict(query, m, semantic_fit(embedding, m.profile, learned_row(m)), view)
+            for m in view.models.values() if fits_context(query, m.state.max_context)]
+
+
+BYTES_PER_TOKEN_LOW = 2.0  # a conservative bound for byte-level BPE on code and prose
+
+
+def fits_context(query: Query, max_context: int) -> bool:
+    """Whether the prompt (estimated conservatively from its size) leaves room in the model's context."""
+    if max_context <= 0:
+        return True
+    return len(query.prompt.encode("utf-8")) / BYTES_PER_TOKEN_LOW < max_context
 
 
 def domain_of(candidates: list[Candidate], view: FleetView) -> str:

@@ -257,3 +257,13 @@ def test_benchmark_strategies_leave_the_baseline_out_and_honour_pins() -> None:
     pinned = Query(id="q", entry_id="1-0", prompt="p", reply_to="calm:replies", model="base")
     for strategy in (semantic, rr, rnd):
         assert strategy.choose(pinned, _cands()).model == "base"  # type: ignore[union-attr]
+
+
+def test_models_whose_context_cannot_hold_the_prompt_are_not_candidates() -> None:
+    from broker.messages import Query
+    from calm_actors.scoring import fits_context
+
+    short = Query(id="q", entry_id="1-0", prompt="12+7=", reply_to="calm:replies")
+    long = Query(id="q", entry_id="1-0", prompt="x = 1\n" * 40, reply_to="calm:replies")
+    assert fits_context(short, 64) and fits_context(long, 0)
+    assert not fits_context(long, 64) and fits_context(long, 512)

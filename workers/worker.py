@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import importlib
+import json
 import logging
 import os
 import random
@@ -116,7 +117,7 @@ class Worker:
             for model in previous.models_loaded:
                 self.rt.kb.set_loaded(pipe, model, self.id, False)
         for card in self.cards.values():
-            self.rt.kb.register_model(pipe, card.name, _card_fields(card))
+            self.rt.kb.register_model(pipe, card.name, _card_fields(card, self.fleet))
         self.rt.kb.register_worker(pipe, self._state(), ttl)
         await pipe.execute()
         await ensure_group(self.rt.client, self.names.control(self.id), self.names.GROUP_CONTROL, start="$")
@@ -330,8 +331,21 @@ class Worker:
                 .xadd(self.names.telemetry, encode(telemetry), maxlen=maxlen))
 
 
-def _card_fields(card: ModelCard) -> dict[str, Any]:
+def max_context(card: ModelCard, fleet: Fleet) -> int:
+    """The model's context length from its config.json (0 when unknown)."""
+    try:
+        config = json.loads((fleet.model_dir(card) / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    for key in ("max_position_embeddings", "n_positions", "max_sequence_length"):
+        if isinstance(config.get(key), int):
+            return int(config[key])
+    return 0
+
+
+def _card_fields(card: ModelCard, fleet: Fleet) -> dict[str, Any]:
     return {
+        "max_context": max_context(card, fleet),
         "description": card.description, "examples": list(card.examples), "domains": list(card.domains),
         "prompt_template": card.prompt_template, "params": card.params, "memory_mb": card.memory_mb,
         "source": card.source, "baseline": card.baseline, "quality": dict(card.quality), "eos_token": card.eos_token,
