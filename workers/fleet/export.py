@@ -97,7 +97,13 @@ def quantize_int8(onnx_path: Path, out_path: Path | None = None) -> Path:
 
     target = out_path or onnx_path
     tmp = target.with_name(target.stem + ".quant-tmp.onnx")
-    quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantizer logs a "consider pre-processing" hint on the root logger
+    try:
+        quantize_dynamic(str(onnx_path), str(tmp), weight_type=QuantType.QInt8, per_channel=True)
+    finally:
+        root.setLevel(level)
     tmp.replace(target)
     return target
 
