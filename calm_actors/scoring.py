@@ -74,7 +74,7 @@ def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: Pl
             for m in view.models.values() if fits_context(query, m.state.max_context)]
 
 
-BYTES_PER_TOKEN_LOW = 2.0  # a conservative bound for byte-level BPE on code and prose
+BYTES_PER_TOKEN_LOW = 1.0  # byte-level BPE: never more tokens than bytes
 
 
 def fits_context(query: Query, max_context: int) -> bool:

@@ -267,3 +267,4 @@ def test_models_whose_context_cannot_hold_the_prompt_are_not_candidates() -> Non
     long = Query(id="q", entry_id="1-0", prompt="x = 1\n" * 40, reply_to="calm:replies")
     assert fits_context(short, 64) and fits_context(long, 0)
     assert not fits_context(long, 64) and fits_context(long, 512)
+    assert fits_context(Query(id="q", entry_id="1-0", prompt="sort 9 3 5 =", reply_to="calm:replies"), 64)
