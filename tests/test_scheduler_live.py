@@ -89,10 +89,12 @@ def test_shifting_workload_within_a_budget_that_fits_only_some_models(
         for worker in status["workers"].values():
             assert worker["memory_budget_mb"] == budget
             assert worker["memory_used_mb"] <= budget, worker
-    # A model's true size is known only once loaded: the worker may refuse a load its measured size does not
-    # fit (and the scheduler re-plans with that size); any other refusal means the plan ignored the budget.
-    refused = [e for e in events if e["event"] == "load_failed" and "measured" not in e["detail"]]
-    assert not refused, "the scheduler only asks for what fits"
+    # The worker is the last guard of its budget: a plan made on a view a heartbeat old, or on a card's size
+    # estimate, may be refused for memory (and is re-planned); a refusal for any other reason is a bug.
+    refused = [e for e in events if e["event"] == "load_failed"]
+    assert all("MB in use" in e["detail"] for e in refused), refused
+    loads = [e for e in events if e["event"] == "loaded"]
+    assert len(refused) <= len(loads), "refusals stay the exception"
     evicted = [e["model"] for e in events if e["event"] == "evicted" and e["detail"] != "worker stopping"]
     loaded = [e["model"] for e in events if e["event"] == "loaded"]
     assert evicted, "a budget that cannot hold every model forces evictions as the workload shifts"
