@@ -45,15 +45,6 @@ def decode_as(kind: type[T], fields: Mapping[bytes, bytes], entry_id: str = "", 
     return message
 
 
-def encode_value(value: Any) -> bytes:
-    """msgpack bytes for a plain value (KB blobs)."""
-    return _encoder.encode(value)
-
-
-def decode_value(raw: bytes) -> Any:
-    return msgspec.msgpack.decode(raw)
-
-
 def ingress_fields(fields: Mapping[bytes, bytes], entry_id: str = "", stream: str = "") -> dict[str, Any]:
     """Plain ingress fields as ``str -> value``: UTF-8 string fields, or one ``msgpack`` map field."""
     out: dict[str, Any] = {}

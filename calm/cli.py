@@ -244,8 +244,9 @@ def _system_spec(args: argparse.Namespace) -> Any:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from calm.demo import DemoOptions, run_demo, show
+    from calm.demo import DemoOptions, run_demo
     from calm.fleets import fleet_dir
+    from calm.report import print_table
 
     settings = settings_from(args)
     logs.setup("calm-demo", settings.log.level if args.log_level else "WARNING", settings.log.json)
@@ -260,7 +261,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
         out, report = asyncio.run(run_demo(settings, resolved.url, fleet, options))
     finally:
         resolved.close()
-    show(report)
+    print_table(report)
     print(out)
     return EXIT_OK
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 import uuid
 from collections.abc import Mapping
@@ -73,6 +72,3 @@ async def ask(client: aioredis.Redis, names: Names, prompt: str, timeout_s: floa
     finally:
         await collector.close()
 
-
-def run(coro: Any) -> Any:
-    return asyncio.run(coro)

@@ -9,8 +9,7 @@ from typing import Any
 
 from broker.config import Settings
 from calm.bench.live import BenchOptions, run_bench
-from calm.plots import write_plots
-from calm.report import print_table, write_records, write_report
+from calm.report import write_all
 from calm.workload import queries_for, read_eval_sets, shifting_mix
 from workers.fleet.spec import load_fleet
 
@@ -43,10 +42,4 @@ async def run_demo(settings: Settings, url: str, fleet_dir: Path, options: DemoO
     report["title"] = f"CALM vs single-model baseline ({baseline.name}) on fleet {fleet.name}"
     report["workload"].update(rate_qps=options.rate_qps, seed=options.seed)
     out = options.out or Path(settings.paths.reports) / f"demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_records(out, runs.values())
-    report["plots"] = [p.name for p in write_plots(out, report, runs.values())]
-    return write_report(out, report), report
-
-
-def show(report: dict[str, Any]) -> None:
-    print_table(report)
+    return write_all(out, report, runs.values()), report

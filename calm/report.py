@@ -130,6 +130,16 @@ def write_records(out_dir: Path, runs: Iterable[Run]) -> Path:
     return path
 
 
+def write_all(out_dir: Path, report: dict[str, Any], runs: Iterable[Run]) -> Path:
+    """Everything a demo or bench run leaves: raw replies, plots (named in the report), JSON and Markdown."""
+    from calm.plots import write_plots
+
+    runs = list(runs)
+    write_records(out_dir, runs)
+    report["plots"] = [p.name for p in write_plots(out_dir, report, runs)]
+    return write_report(out_dir, report)
+
+
 def write_report_json(out_dir: Path, report: dict[str, Any]) -> Path:
     """Write only report.json (reports without strategies, such as overhead)."""
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -47,6 +46,3 @@ async def serve_worker(settings: Settings, url: str, fleet_dir: Path) -> int:
     await rt.serve(on_ready=lambda: announce_ready("worker"))
     return 1 if rt.failed else 0
 
-
-def run(coro: Awaitable[int]) -> int:
-    return asyncio.run(coro)  # type: ignore[arg-type]

@@ -7,7 +7,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from broker.codec import decode, decode_as, encode
+from broker.codec import decode_as, encode
 from broker.consumer import ensure_group
 from broker.effects import Effects, Entry, dead_letter_fields
 from broker.errors import DecodeError
@@ -172,27 +172,37 @@ class Executor:
 
     # -- timeouts ------------------------------------------------------------------
     async def sweep(self) -> None:
-        """Retry (or fail) every dispatched query whose attempt deadline has passed."""
+        """Retry (or fail) every dispatched query whose attempt deadline has passed.
+
+        One round trip claims the expired ids (ZREM: only one executor wins each) and reads their
+        bookkeeping; one transaction writes every retry or failure.
+        """
         now_ms = time.time() * 1000
         expired: list[Any] = await self.rt.client.zrangebyscore(self.names.inflight, "-inf", now_ms, start=0, num=100)
-        for raw_id in expired:
-            query_id = raw_id.decode() if isinstance(raw_id, bytes) else str(raw_id)
-            if not await self.rt.client.zrem(self.names.inflight, query_id):
-                continue  # another executor took it
-            blob: Any = await self.rt.client.hget(self.names.inflight_data, query_id)
-            if blob is None:
-                continue
+        if not expired:
+            return
+        ids = [raw.decode() if isinstance(raw, bytes) else str(raw) for raw in expired]
+        pipe = self.rt.client.pipeline(transaction=False)
+        for query_id in ids:
+            pipe.zrem(self.names.inflight, query_id)
+        pipe.hmget(self.names.inflight_data, ids)
+        *claimed, blobs = await pipe.execute()
+        effects = Effects()
+        timeout_s = self.settings.executor.attempt_timeout_s
+        unreadable: list[str] = []
+        for query_id, won, blob in zip(ids, claimed, blobs, strict=True):
+            if not won or blob is None:
+                continue  # another executor took it, or it was answered meanwhile
             try:
-                inflight = decode({b"m": blob})
+                inflight = decode_as(Inflight, {b"m": blob})
             except DecodeError:
-                await self.rt.client.hdel(self.names.inflight_data, query_id)
+                unreadable.append(query_id)
                 continue
-            if not isinstance(inflight, Inflight):
-                continue
-            effects = Effects()
-            timeout_s = self.settings.executor.attempt_timeout_s
             reason = f"no result within {timeout_s:g}s from model {self.model_for(inflight)}"
             await self._retry_or_fail(effects, inflight, reason)
+        if unreadable:
+            effects.call(lambda p: p.hdel(self.names.inflight_data, *unreadable))
+        if effects.ops:
             pipe = self.rt.client.pipeline(transaction=True)
             for op in effects.ops:
                 op(pipe)

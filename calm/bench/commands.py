@@ -33,8 +33,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     from broker.connection import resolve
     from calm.bench.live import BenchOptions, run_bench
     from calm.fleets import fleet_dir
-    from calm.plots import write_plots
-    from calm.report import print_table, write_records, write_report
+    from calm.report import print_table, write_all
 
     settings = settings_from(args)
     logs.setup("calm-bench", args.log_level or "WARNING", settings.log.json)
@@ -50,9 +49,7 @@ def cmd_live(args: argparse.Namespace) -> int:
     report["title"] = f"calm bench: {', '.join(strategies)} on {args.workload} ({len(items)} queries)"
     report["workload"].update(kind=args.workload, rate_qps=args.rate, seed=args.seed)
     out = Path(args.out) if args.out else Path(settings.paths.reports) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}"
-    write_records(out, runs.values())
-    report["plots"] = [p.name for p in write_plots(out, report, runs.values())]
-    write_report(out, report)
+    write_all(out, report, runs.values())
     print_table(report)
     print(out)
     return EXIT_OK
