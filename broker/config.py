@@ -47,6 +47,7 @@ class StreamSettings:
     reclaim_interval_ms: int = 2_000
     max_deliveries: int = 5
     concurrency: int = 64  # handlers in flight per consumer
+    retain_acked_s: float = 300.0  # acknowledged entries of consumed streams are trimmed after this (0: never)
 
     def __post_init__(self) -> None:
         for name in ("block_ms", "batch", "maxlen", "reclaim_idle_ms", "max_deliveries", "concurrency"):
@@ -165,6 +166,11 @@ class WorkerSettings:
     inject_delay_ms: float = 0.0  # test/chaos hook: added to every generation
     type: str = "onnx"  # the worker type it registers as (a label routing and dashboards show)
     engine: str = ""  # "module:function" returning an EngineFactory; empty: the built-in ONNX engine
+    isolation: str = "none"  # none | process: each loaded model's engine in its own child process
+
+    def __post_init__(self) -> None:
+        if self.isolation not in ("none", "process"):
+            raise ConfigError(f"worker.isolation must be none or process, got {self.isolation!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -178,6 +184,18 @@ class PathSettings:
 class LogSettings:
     level: str = "INFO"
     json: bool = False
+
+
+EVENT_LOOPS = ("auto", "uvloop", "asyncio")
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeSettings:
+    event_loop: str = "auto"  # auto: uvloop when installed, else asyncio's own loop
+
+    def __post_init__(self) -> None:
+        if self.event_loop not in EVENT_LOOPS:
+            raise ConfigError(f"runtime.event_loop must be one of {', '.join(EVENT_LOOPS)}, got {self.event_loop!r}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -209,6 +227,7 @@ class Settings:
     paths: PathSettings = field(default_factory=PathSettings)
     log: LogSettings = field(default_factory=LogSettings)
     gateway: GatewaySettings = field(default_factory=GatewaySettings)
+    runtime: RuntimeSettings = field(default_factory=RuntimeSettings)
 
     def replace(self, overrides: Mapping[str, Any]) -> Settings:
         """Return a copy with dotted-key overrides (``{"redis.url": "..."}``) applied."""

@@ -25,6 +25,7 @@ from broker.config import StreamSettings
 from broker.effects import Effects, Entry
 from broker.errors import DecodeError, ValidationError
 from broker.names import Names
+from broker.retention import trim_acknowledged
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +69,7 @@ class StreamConsumer:
         on_dead: DeadHook | None = None,
         batch: int | None = None,
         block_ms: int | None = None,
+        trim_acked: bool = False,
     ) -> None:
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler and batch_handler")
@@ -81,6 +83,7 @@ class StreamConsumer:
         self._on_dead = on_dead
         self._batch = batch or settings.batch
         self._block_ms = block_ms or settings.block_ms
+        self._trim_acked = trim_acked and settings.retain_acked_s > 0
         self._stop = asyncio.Event()
         self._reclaimed: asyncio.Queue[list[Entry]] = asyncio.Queue()
         self.processed = 0
@@ -197,11 +200,15 @@ class StreamConsumer:
             await self._sleep(interval * (0.8 + 0.4 * random.random()))
             try:
                 cursor = await self.reclaim_once(cursor)
+                if self._trim_acked:
+                    await trim_acknowledged(self.writer, self.spec.stream, self.settings.retain_acked_s)
             except (RedisConnectionError, RedisTimeoutError, OSError) as e:
                 log.debug("%s: reclaim skipped (%s)", self.spec.actor, e)
             except ResponseError as e:
                 if "NOGROUP" not in str(e):
                     log.warning("%s: reclaim failed: %s", self.spec.actor, e)
+            except Exception:  # the loop must outlive any surprise, or pending work would never be reclaimed
+                log.exception("%s: reclaim round failed on %s", self.spec.actor, self.spec.stream)
 
     async def reclaim_once(self, cursor: str = "0-0") -> str:
         """Claim entries idle past the limit; dead-letter over-delivered ones, queue the rest. Returns the cursor."""

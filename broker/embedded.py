@@ -48,12 +48,18 @@ def _die_with_parent() -> None:  # runs in the child between fork and exec
 
 
 class EmbeddedValkey:
-    """A private Valkey process; ``with EmbeddedValkey() as server: server.url``."""
+    """A private Valkey process; ``with EmbeddedValkey() as server: server.url``.
 
-    def __init__(self, port: int | None = None, password: str | None = None, startup_timeout_s: float = 10.0):
+    By default it keeps nothing on disk. With ``data_dir`` it writes an append-only file there, fsync'd on
+    every write, and leaves it on stop, so a server started again on that directory has every acknowledged write.
+    """
+
+    def __init__(self, port: int | None = None, password: str | None = None, startup_timeout_s: float = 10.0,
+                 data_dir: Path | str | None = None):
         self.port = port or free_port()
         self.password = password
         self.startup_timeout_s = startup_timeout_s
+        self.data_dir = Path(data_dir) if data_dir is not None else None
         self._proc: subprocess.Popen[bytes] | None = None
         self._dir: str | None = None
 
@@ -69,10 +75,16 @@ class EmbeddedValkey:
     def start(self) -> EmbeddedValkey:
         if self._proc is not None:
             return self
-        self._dir = tempfile.mkdtemp(prefix="calm-valkey-")
+        if self.data_dir is not None:
+            self.data_dir.mkdir(parents=True, exist_ok=True)
+            self._dir = str(self.data_dir.resolve())
+            durability = ["--appendonly", "yes", "--appendfsync", "always"]
+        else:
+            self._dir = tempfile.mkdtemp(prefix="calm-valkey-")
+            durability = ["--appendonly", "no"]
         args = [
-            str(valkey_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "",
-            "--appendonly", "no", "--dir", self._dir, "--daemonize", "no", "--loglevel", "warning",
+            str(valkey_binary()), "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *durability,
+            "--dir", self._dir, "--daemonize", "no", "--loglevel", "warning",
             "--pidfile", os.path.join(self._dir, "valkey.pid"),
         ]
         if self.password:
@@ -120,9 +132,9 @@ class EmbeddedValkey:
                 proc.wait(timeout=5)
         if proc is not None and proc.stderr:
             proc.stderr.close()
-        if self._dir:
+        if self._dir and self.data_dir is None:
             shutil.rmtree(self._dir, ignore_errors=True)
-            self._dir = None
+        self._dir = None
 
     def __enter__(self) -> EmbeddedValkey:
         return self.start()

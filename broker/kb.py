@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -82,8 +83,9 @@ class ModelState:
     learned: bytes | None = None  # float32 centroid of queries this model served well
     learned_n: int = 0
     loaded_on: tuple[str, ...] = ()
-    profile: bytes | None = None  # float32 embedding matrix (rows: description, examples), set by the monitor
-    profile_rows: int = 0
+    profile_rows: int = 0  # rows of the routing profile at ``calm:profile:<name>``, set by the monitor
+    profile_digest: str = ""  # what the profile was embedded from (changes when the card does)
+    exemplars_digest: str = ""  # digest of the exemplar prompts at ``calm:exemplars:<name>``
 
     @property
     def domain(self) -> str:
@@ -138,15 +140,44 @@ class KnowledgeBase:
         return out
 
     def register_model(self, pipe: Pipeline, name: str, card: Mapping[str, Any]) -> None:
-        """Queue writes that add or refresh a model card (live QoS is kept)."""
+        """Queue writes that add or refresh a model card (live QoS is kept).
+
+        ``card["exemplars"]`` (prompts typical of the model's training data) is kept beside the hash,
+        at ``calm:exemplars:<name>``, so that reading the fleet stays cheap.
+        """
         fields: dict[Any, Any] = {"name": name, **self.card_mapping(card)}
+        exemplars = [str(x) for x in card.get("exemplars") or ()]
+        blob = json.dumps(exemplars, ensure_ascii=False)
+        fields["exemplars_digest"] = hashlib.sha256(blob.encode()).hexdigest()[:16] if exemplars else ""
+        if exemplars:
+            pipe.set(self.names.exemplars(name), blob)
+        else:
+            pipe.delete(self.names.exemplars(name))
         pipe.hset(self.names.model(name), mapping=fields)
         pipe.sadd(self.names.models, name)
         pipe.incr(self.names.kb_version)
 
-    def set_profile(self, pipe: Pipeline, name: str, profile: bytes, rows: int) -> None:
-        pipe.hset(self.names.model(name), mapping={"profile": profile, "profile_rows": rows})
+    async def exemplars(self, name: str) -> list[str]:
+        """The exemplar prompts the model's worker registered (empty when none)."""
+        raw = await self.client.get(self.names.exemplars(name))
+        try:
+            rows = json.loads(raw) if raw else []
+        except ValueError:
+            return []
+        return [str(x) for x in rows] if isinstance(rows, list) else []
+
+    def set_profile(self, pipe: Pipeline, name: str, profile: bytes, rows: int, digest: str) -> None:
+        """Queue the write of a model's routing profile (``rows`` float32 embeddings) made from ``digest``."""
+        pipe.set(self.names.profile(name), profile)
+        pipe.hset(self.names.model(name), mapping={"profile_rows": rows, "profile_digest": digest})
         pipe.incr(self.names.kb_version)
+
+    async def profiles(self, names: Sequence[str]) -> dict[str, bytes]:
+        """The routing profiles of ``names`` (models without one are left out), in one round trip."""
+        if not names:
+            return {}
+        rows = await self.client.mget([self.names.profile(n) for n in names])
+        return {n: raw for n, raw in zip(names, rows, strict=True) if isinstance(raw, bytes) and raw}
 
     def record_qos(self, pipe: Pipeline, name: str, alpha: float, values: Mapping[str, float], ok: bool,
                    window: int, now_ms: float | None = None, stale_tau_s: float = 0.0) -> None:
@@ -341,8 +372,9 @@ def _model_state(name: str, row: Mapping[bytes, bytes]) -> ModelState:
         learned=row.get(b"learned"),
         learned_n=int(_f(row, "learned_n") or 0),
         loaded_on=tuple(w for w in loaded.split(",") if w),
-        profile=row.get(b"profile"),
         profile_rows=int(_f(row, "profile_rows") or 0),
+        profile_digest=_s(row.get(b"profile_digest", b"")),
+        exemplars_digest=_s(row.get(b"exemplars_digest", b"")),
     )
 
 

@@ -63,6 +63,14 @@ class Names:
     def model(self, name: str) -> str:
         return f"{self.prefix}model:{name}"
 
+    def profile(self, name: str) -> str:
+        """The model's routing profile: float32 embedding rows (description, examples, exemplars)."""
+        return f"{self.prefix}profile:{name}"
+
+    def exemplars(self, name: str) -> str:
+        """The model's exemplar prompts (JSON list) as its worker registered them."""
+        return f"{self.prefix}exemplars:{name}"
+
     @property
     def models(self) -> str:
         return f"{self.prefix}models"

@@ -187,7 +187,9 @@ def cmd_actor(args: argparse.Namespace) -> int:
         from calm.fleets import fleet_dir
 
         fleet = fleet_dir(settings)
-    return asyncio.run(serve_actor(args.role, settings, url, fleet))
+    from broker.eventloop import run
+
+    return run(serve_actor(args.role, settings, url, fleet), settings.runtime)
 
 
 def cmd_worker(args: argparse.Namespace) -> int:
@@ -199,7 +201,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
              "worker.engine": args.engine}
     settings = settings_from(args, {k: v for k, v in extra.items() if v is not None})
     logs.setup("worker", settings.log.level, settings.log.json)
-    return asyncio.run(serve_worker(settings, _server_url(settings), fleet_dir(settings)))
+    from broker.eventloop import run
+
+    return run(serve_worker(settings, _server_url(settings), fleet_dir(settings)), settings.runtime)
 
 
 def cmd_up(args: argparse.Namespace) -> int:

@@ -7,6 +7,7 @@ import time
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import redis.asyncio as aioredis
 from rich.progress import Progress
@@ -29,11 +30,15 @@ class Run:
     duplicates: int = 0
     pinned: str | None = None
     notes: list[str] = field(default_factory=list)
+    events: list[dict[str, Any]] = field(default_factory=list)  # worker events recorded during the run
 
 
 async def replay(client: aioredis.Redis, names: Names, items: Sequence[Item], strategy: str, pin: str | None = None,
-                 timeout_s: float = 120.0, progress: bool = True) -> Run:
-    """Send ``items`` at their times (pinned to ``pin`` if given) and wait for every reply (or the timeout)."""
+                 timeout_s: float = 120.0, progress: bool = True, pins: Sequence[str] | None = None) -> Run:
+    """Send ``items`` at their times (pinned to ``pin``, or each to its entry of ``pins``, if given) and wait for
+    every reply (or the timeout)."""
+    if pins is not None and len(pins) != len(items):
+        raise ValueError(f"{len(pins)} pins for {len(items)} items")
     collector = ReplyCollector(client, names, f"bench-{strategy}")
     run_tag = uuid.uuid4().hex[:8]
     ids = [f"{strategy}-{run_tag}-{i}" for i in range(len(items))]
@@ -42,11 +47,12 @@ async def replay(client: aioredis.Redis, names: Names, items: Sequence[Item], st
     sending_done = asyncio.Event()
 
     async def sender() -> None:
-        for qid, item in zip(ids, items, strict=True):
+        for i, (qid, item) in enumerate(zip(ids, items, strict=True)):
             delay = t0 + item.t - time.monotonic()
             if delay > 0:
                 await asyncio.sleep(delay)
-            await collector.send(item.prompt, qid, model=pin, max_new_tokens=item.max_new_tokens)
+            await collector.send(item.prompt, qid, model=pins[i] if pins is not None else pin,
+                                 max_new_tokens=item.max_new_tokens)
         sending_done.set()
 
     send_task = asyncio.create_task(sender())

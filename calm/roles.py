@@ -40,7 +40,7 @@ async def serve_worker(settings: Settings, url: str, fleet_dir: Path) -> int:
     from workers import worker
     from workers.fleet.spec import load_fleet
 
-    fleet = load_fleet(fleet_dir)
+    fleet = load_fleet(fleet_dir, require_model_files=False)  # a broken model fails its own load, not the worker
     rt = ProcessRuntime("worker", settings, url, instance=settings.worker.worker_id)
     await worker.start(rt, fleet)
     await rt.serve(on_ready=lambda: announce_ready("worker"))

@@ -109,7 +109,7 @@ async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: f
             registered = await kb.workers()
             models = await kb.models()
             servable = {m for w in registered.values() for m in w.models_servable}
-            unprofiled = sorted(m for m in servable if m not in models or not models[m].profile)
+            unprofiled = sorted(m for m in servable if m not in models or models[m].profile_rows <= 0)
             if len(registered) >= workers and not unprofiled:
                 return
             if time.monotonic() > deadline:

@@ -12,7 +12,7 @@ from broker.effects import Effects, Entry
 from broker.messages import Embedded, Scored
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
-from calm_actors.fleetview import FleetView, load_view
+from calm_actors.fleetview import FleetView, ProfileCache, load_view
 from calm_actors.replying import answer_dead_query
 from calm_actors.scoring import domain_of, score_all
 
@@ -32,14 +32,16 @@ class Analyzer:
         self.names = rt.names
         self.settings = rt.settings
         self.view = FleetView()
+        self._profiles = ProfileCache()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def refresh(self) -> None:
-        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s,
+                                    self._profiles)
 
     def install(self) -> None:
-        self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded,
+        self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded, trim_acked=True,
                          on_dead=answer_dead_query(self.replies))
         self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
 

@@ -38,8 +38,9 @@ class Executor:
 
     def install(self) -> None:
         self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, batch_handler=self.on_planned_batch,
-                         on_dead=answer_dead_query(self.replies))
-        self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128)
+                         on_dead=answer_dead_query(self.replies), trim_acked=True)
+        self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128,
+                         trim_acked=True)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
         self.rt.every(self.settings.qos.learn_flush_s, self.learner.flush, "learn")
         self.rt.every(1.0, self.retune, "tuning")

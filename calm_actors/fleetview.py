@@ -32,21 +32,46 @@ class FleetView:
     refreshed_ms: float = 0.0
 
 
-async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float) -> FleetView:
-    """Read models, workers and work-stream backlogs in three pipelined round trips."""
+class ProfileCache:
+    """Routing profiles by model, re-read from the KB only when a model's profile digest changes."""
+
+    def __init__(self) -> None:
+        self._matrices: dict[str, tuple[str, np.ndarray]] = {}
+
+    async def matrices(self, kb: KnowledgeBase, states: dict[str, ModelState]) -> dict[str, np.ndarray]:
+        wanted = {n: s for n, s in states.items() if s.profile_rows > 0 and s.profile_digest}
+        stale = [n for n, s in wanted.items() if self._matrices.get(n, ("", None))[0] != s.profile_digest]
+        for name, raw in (await kb.profiles(stale)).items():
+            rows = wanted[name].profile_rows
+            if len(raw) % (4 * rows) == 0:
+                self._matrices[name] = (wanted[name].profile_digest,
+                                        np.frombuffer(raw, dtype=np.float32).reshape(rows, -1))
+        for name in set(self._matrices) - set(wanted):
+            del self._matrices[name]
+        return {n: m for n, (digest, m) in self._matrices.items()
+                if n in wanted and digest == wanted[n].profile_digest}
+
+
+async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
+                    profiles: ProfileCache | None = None) -> FleetView:
+    """Read models, workers and work-stream backlogs in a few pipelined round trips.
+
+    Pass the same ``profiles`` cache on every call so that unchanged profiles are not read again.
+    """
     models = await kb.models()
     workers = await kb.workers()
     now_ms = time.time() * 1000
     alive = {wid: w for wid, w in workers.items() if w.alive(now_ms, worker_timeout_s)}
     queues = await backlogs(kb, names, list(models))
+    matrices = await (profiles or ProfileCache()).matrices(kb, models)
     view = FleetView(workers=alive, refreshed_ms=now_ms)
     for name, state in models.items():
-        if state.profile is None or state.profile_rows <= 0:
+        matrix = matrices.get(name)
+        if matrix is None:
             continue
         servable = tuple(w for w, ws in alive.items() if name in ws.models_servable)
         if not servable:
             continue
-        matrix = np.frombuffer(state.profile, dtype=np.float32).reshape(state.profile_rows, -1)
         loaded = tuple(w for w in state.loaded_on if w in alive)
         view.models[name] = ModelView(state, matrix, servable, loaded, queues.get(name, 0))
     return view

@@ -19,12 +19,14 @@ from broker.codec import decode_as, encode, ingress_fields, readable_fields
 from broker.effects import Effects, Entry
 from broker.errors import DecodeError, ValidationError
 from broker.ingress import entry_ms, parse_query, query_id, reply_stream
+from broker.kb import ModelState
 from broker.messages import Embedded, Query, Telemetry
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.meaning import normalise
 from calm_actors.replying import rejection
+from calm_actors.scoring import profile_texts
 
 log = logging.getLogger(__name__)
 PROFILE_REFRESH_S = 1.0
@@ -42,15 +44,15 @@ class Monitor:
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        self._profiled: dict[str, str] = {}
         self._embeddings: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()
 
     def install(self) -> None:
         s = self.settings
         self.rt.consumer(self.names.queries, self.names.GROUP_MONITOR, batch_handler=self.on_queries,
-                         batch=s.ingress.embed_batch)
-        self.rt.consumer(self.names.telemetry, self.names.GROUP_TELEMETRY, batch_handler=self.on_telemetry, batch=256)
+                         batch=s.ingress.embed_batch, trim_acked=True)
+        self.rt.consumer(self.names.telemetry, self.names.GROUP_TELEMETRY, batch_handler=self.on_telemetry, batch=256,
+                         trim_acked=True)
         self.rt.every(PROFILE_REFRESH_S, self.refresh_profiles, "profiles")
 
     # -- queries -------------------------------------------------------------------
@@ -160,25 +162,33 @@ class Monitor:
 
     # -- model profiles ------------------------------------------------------------
     async def refresh_profiles(self) -> None:
-        """Embed the description and examples of every new or changed model card."""
+        """Embed the description, examples and exemplars of every new or changed model card."""
         models = await self.rt.kb.models()
         self._known_models = set(models)
         todo = []
         for name, state in models.items():
-            digest = hashlib.sha256(repr((state.description, state.examples)).encode()).hexdigest()
-            if state.profile is None or self._profiled.get(name) != digest:
-                todo.append((name, state.description, state.examples, digest))
+            digest = profile_digest(state)
+            if state.profile_rows <= 0 or state.profile_digest != digest:
+                todo.append((name, state, digest))
         if not todo:
             return
         loop = asyncio.get_running_loop()
         pipe = self.rt.client.pipeline(transaction=False)
-        for name, description, examples, digest in todo:
-            texts = [description or name, *examples]
+        for name, state, digest in todo:
+            exemplars = await self.rt.kb.exemplars(name) if state.exemplars_digest else []
+            texts = profile_texts(name, state.description, state.examples, exemplars)
             matrix = await loop.run_in_executor(self._pool, self.embedder.embed, texts)
-            self.rt.kb.set_profile(pipe, name, np.ascontiguousarray(matrix, dtype=np.float32).tobytes(), len(texts))
-            self._profiled[name] = digest
+            self.rt.kb.set_profile(pipe, name, np.ascontiguousarray(matrix, dtype=np.float32).tobytes(),
+                                   len(texts), digest)
         await pipe.execute()
-        log.info("profiled models: %s", ", ".join(t[0] for t in todo))
+        log.info("profiled models: %s", ", ".join(f"{t[0]} ({t[1].exemplars_digest or 'no'} exemplars)"
+                                                  for t in todo))
+
+
+def profile_digest(state: ModelState) -> str:
+    """What a model's routing profile is made of: description, examples and the exemplars' digest."""
+    key = repr((state.description, state.examples, state.exemplars_digest, state.name))
+    return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
 async def start(rt: ProcessRuntime, fleet_dir: Path) -> Monitor:

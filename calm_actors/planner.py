@@ -11,7 +11,7 @@ from broker.effects import Effects, Entry
 from broker.messages import Decision, Planned, Query, Scored, WantModel
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
-from calm_actors.fleetview import FleetView, load_view
+from calm_actors.fleetview import FleetView, ProfileCache, load_view
 from calm_actors.planning import Routable, make_strategy, utility
 from calm_actors.replying import answer_dead_query, query_rejection
 from calm_actors.tuning import Tuning
@@ -31,11 +31,13 @@ class Planner:
         self.tuning = Tuning(rt, ("planner",))
         self._sent: dict[str, int] = {}  # dispatched per model since the view was read (for backpressure)
         self.view = FleetView()
+        self._profiles = ProfileCache()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def refresh(self) -> None:
-        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s)
+        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s,
+                                    self._profiles)
         self._sent = {}
         await self._reload_weights()
 
@@ -55,7 +57,7 @@ class Planner:
         self.strategy.weights = settings.planner
 
     def install(self) -> None:
-        self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored,
+        self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored, trim_acked=True,
                          on_dead=answer_dead_query(self.replies))
         self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
 

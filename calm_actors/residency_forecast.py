@@ -2,13 +2,16 @@
 
 Every planning interval it forecasts each model's requests over ``horizon_s`` (one forecaster per
 model over bucketed demand, nowcast with the bucket in progress), values each model as expected
-requests × cold-load cost (load time × value), and plans the resident set per worker that holds
-the most value within the memory budget (greedy by value per MB). A resident model keeps its place
-unless a rival is worth ``1 + hysteresis`` times more, and a model the plan prefetched stays at
-least ``min_residency_s``; these two keep it from thrashing. Loads the plan wants are prefetches:
-they happen before the requests come. Evictions go lowest value first, and only to make room. A
-model whose expected rate exceeds what one copy serves (``capacity_rps``) gets a copy on a second
-worker, up to ``max_replicas``.
+requests × cold-load cost (load time × value), and plans the resident set per worker that holds the
+most value within the memory budget (greedy by value per MB). Against churn: a resident model keeps
+its place unless a rival is worth ``1 + hysteresis`` times more; the plan never evicts a model it
+prefetched less than ``min_residency_s`` ago, a pinned one (work waiting or a command in flight), or
+one worth as much as the model it would make room for; and a request that needs a model nobody holds
+evicts old models before young ones (loaded less than ``min_residency_s`` ago, on demand or by the
+plan), lowest value first, a young one only when nothing else makes room (a waiting request outranks
+residency). Loads the plan wants are prefetches: they happen before the requests come. A model whose
+expected rate exceeds what one copy serves (``capacity_rps``) gets a copy on a second worker, up to
+``max_replicas``.
 """
 
 from __future__ import annotations
@@ -48,7 +51,7 @@ class ForecastPolicy:
         self.horizon = max(1, round(settings.horizon_s / settings.bucket_s))
         self._forecasters: dict[str, Forecaster] = {}
         self._fed: int | None = None  # the first bucket the forecasters have not seen
-        self._prefetched: dict[tuple[str, str], float] = {}  # (worker, model) -> when the plan loaded it
+        self._loaded_at: dict[tuple[str, str], tuple[float, bool]] = {}  # (worker, model) -> (when, by the plan)
         self._expected_at: tuple[float, int, dict[str, float]] | None = None
         self._settled: tuple[object, ...] | None = None  # inputs of the last plan that changed nothing
 
@@ -87,13 +90,16 @@ class ForecastPolicy:
     # -- acting --------------------------------------------------------------------
     def place(self, model: str, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
               pinned: Iterable[str] = ()) -> list[Action]:
-        """A request needs ``model``: load it, evicting the models the forecast values least."""
+        """A request needs ``model``: load it, evicting old models before young ones, lowest forecast first."""
         worth = self.worth(memory_mb, now_s)
+        young = self._young(slots, now_s, on_demand=True)
 
-        def key(slot: Slot, victim: str) -> tuple[float, float]:
-            return worth.get(victim, 0.0), slot.loaded[victim]
+        def key(slot: Slot, victim: str) -> tuple[bool, float, float]:
+            return (slot.worker, victim) in young, worth.get(victim, 0.0), slot.loaded[victim]
 
-        return place_on_demand(model, slots, memory_mb, pinned, key, "load on demand (lowest forecast makes room)")
+        actions = place_on_demand(model, slots, memory_mb, pinned, key, "load on demand (lowest forecast makes room)")
+        self.note(actions, now_s)
+        return actions
 
     def plan(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
              pinned: Iterable[str] = ()) -> list[Action]:
@@ -118,7 +124,10 @@ class ForecastPolicy:
 
             for model in sorted(set(want) - set(slot.loaded), key=lambda m: -want[m].worth):
                 need = memory_mb.get(model, 0.0)
-                victims = make_room(projected, need, memory_mb, protected, rank)
+                # Never evict a model worth as much as the one it would make room for (hysteresis included).
+                bar = want[model].worth
+                worthy = {m for m in projected.loaded if worth.get(m, 0.0) * (1.0 + self.settings.hysteresis) >= bar}
+                victims = make_room(projected, need, memory_mb, protected | worthy, rank)
                 if victims is None:
                     continue
                 for victim in victims:
@@ -128,15 +137,41 @@ class ForecastPolicy:
                 expected = want[model].expected
                 actions.append(Action("load", slot.worker, model,
                                       f"prefetch: {expected:.1f} requests expected in {self.settings.horizon_s:.0f}s"))
-                self._prefetched[(slot.worker, model)] = now_s
+        self.note(actions, now_s, by_plan=True)
         self._settled = None if actions else inputs
         return actions
 
-    def _young(self, slots: list[Slot], now_s: float) -> set[tuple[str, str]]:
-        """(worker, model) pairs the plan prefetched less than ``min_residency_s`` ago and still resident."""
+    def note(self, actions: Iterable[Action], now_s: float, by_plan: bool = False) -> None:
+        """Remember when loads happened (this policy's own, or the caller's, e.g. a warm start's fill)."""
+        for action in actions:
+            key = (action.worker, action.model)
+            if action.kind == "load":
+                self._loaded_at[key] = (now_s, by_plan)
+            else:
+                self._loaded_at.pop(key, None)
+
+    def _young(self, slots: list[Slot], now_s: float, on_demand: bool = False) -> set[tuple[str, str]]:
+        """(worker, model) pairs loaded less than ``min_residency_s`` ago and still resident.
+
+        For the plan, a prefetch is young. For a request that needs room (``on_demand``), so is a
+        load on demand (this policy's, or one the caller ``note``-d) of a model the forecast expects
+        at least ``prefetch_min_requests`` of: two models asked for in turn do not evict each other
+        while an old model could go instead. The plan may still undo a load on demand at once when
+        the forecast says the room is worth more to another model (a one-off request's model goes
+        again as soon as the busy model it displaced is back). A model found resident without a
+        noted load (loaded before this policy started) is old.
+        """
         held = {(s.worker, m) for s in slots for m in s.loaded}
-        self._prefetched = {k: t for k, t in self._prefetched.items() if k in held}
-        return {k for k, t in self._prefetched.items() if now_s - t < self.settings.min_residency_s}
+        self._loaded_at = {k: v for k, v in self._loaded_at.items() if k in held}
+        span = self.settings.min_residency_s
+        recent = {k: by_plan for k, (t, by_plan) in self._loaded_at.items() if now_s - t < span}
+        if not recent:
+            return set()
+        expected = self.expected({m for _, m in recent}, now_s)
+        floor = self.settings.prefetch_min_requests
+        if not on_demand:
+            return {k for k, by_plan in recent.items() if by_plan}
+        return {k for k, by_plan in recent.items() if by_plan or expected.get(k[1], 0.0) >= floor}
 
     def _entries(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float, keep: set[str],
                  young: set[tuple[str, str]]) -> list[Entry]:

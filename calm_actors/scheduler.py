@@ -27,12 +27,20 @@ from calm_actors.residency import Action, ModelCosts, Slot, fill, make_policy
 
 log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 120.0
+RETRY_FIRST_S = 1.0  # a failed load is not retried on that worker for this long, doubling up to the cap
+RETRY_CAP_S = 60.0
 
 
 @dataclass(slots=True)
 class Pending:
     action: str
     deadline_ms: float
+
+
+@dataclass(slots=True)
+class LoadFailure:
+    count: int
+    retry_ms: float  # until then the worker is not asked to load the model again
 
 
 class Scheduler:
@@ -49,8 +57,9 @@ class Scheduler:
         self.models: dict[str, ModelState] = {}
         self.workers: dict[str, WorkerState] = {}
         self.pending: dict[tuple[str, str], Pending] = {}  # (worker, model) -> command in flight
+        self.failed: dict[tuple[str, str], LoadFailure] = {}  # (worker, model) -> its loads that failed
         self.backlog: dict[str, int] = {}
-        self.sizes: dict[str, float] = {}  # the largest memory each model was known to need (card or measured)
+        self.card_mb: dict[str, float] = {}  # each model's size as first seen (as registered: the card's estimate)
 
     def install(self) -> None:
         self.rt.consumer(self.names.sched, self.names.GROUP_SCHEDULER, handler=self.on_message)
@@ -60,7 +69,7 @@ class Scheduler:
         self.models = await self.rt.kb.models()
         self.workers = await self.rt.kb.workers()
         for name, m in self.models.items():
-            self.sizes[name] = max(self.sizes.get(name, 0.0), m.memory_mb)
+            self.card_mb.setdefault(name, m.memory_mb)
 
     async def refresh_demand(self) -> None:
         """Copy demand from the KB (a specialist's demand includes its domain's) and what models cost."""
@@ -82,14 +91,30 @@ class Scheduler:
         effects = Effects()
         if isinstance(message, WantModel):
             await self.refresh()
+            self.backlog = await backlogs(self.rt.kb, self.names, list(self.models))  # what must not go now
             self._act(self._place(message.model, reason="wanted by a query"), effects)
         elif isinstance(message, WorkerEvent):
             self.pending.pop((message.worker, message.model), None)
+            self._note_outcome(message)
             if message.event in ("registered", "stopping", "load_failed"):
                 await self.refresh()
                 self._act(self._replan(), effects)
             log.info("worker %s: %s %s %s", message.worker, message.event, message.model, message.detail)
         return effects
+
+    def _note_outcome(self, event: WorkerEvent) -> None:
+        """Back off a model that failed to load on a worker (a corrupt file fails again at once)."""
+        key = (event.worker, event.model)
+        if event.event == "load_failed":
+            count = self.failed[key].count + 1 if key in self.failed else 1
+            delay_s = min(RETRY_CAP_S, RETRY_FIRST_S * 2 ** (count - 1))
+            self.failed[key] = LoadFailure(count, time.time() * 1000 + delay_s * 1000)
+            log.warning("worker %s failed to load %s (%d in a row); not asking again for %.0fs",
+                        event.worker, event.model, count, delay_s)
+        elif event.event == "loaded":
+            self.failed.pop(key, None)
+        elif event.event == "registered":  # a worker (re)started: its files may have been fixed
+            self.failed = {k: f for k, f in self.failed.items() if k[0] != event.worker}
 
     # -- periodic ------------------------------------------------------------------
     async def tick(self) -> None:
@@ -135,16 +160,21 @@ class Scheduler:
                         loaded[model] = now_ms / 1000
                     else:
                         loaded.pop(model, None)
-            slots.append(Slot(w.id, w.memory_budget_mb, frozenset(w.models_servable), loaded))
+            servable = frozenset(m for m in w.models_servable
+                                 if (f := self.failed.get((w.id, m))) is None or f.retry_ms <= now_ms)
+            slots.append(Slot(w.id, w.memory_budget_mb, servable, loaded))
         return slots
 
     def _memory(self) -> dict[str, float]:
-        """Memory per model for budgeting: the card's estimate or the measured use, whichever was larger.
+        """Memory per model for budgeting: the card's estimate or the latest measured use, whichever is larger.
 
-        A measurement can undercount (an allocator that keeps freed memory makes a reload look free);
-        the larger figure keeps budgets, and agrees with the worker's own admission check.
+        A measurement can undercount (an allocator that keeps freed memory makes a reload look free),
+        so never less than the card; and it can overcount (the worker measures its process's growth,
+        which a concurrent inference inflates), so the latest, not the largest ever: one inflated
+        measurement would otherwise shrink a worker's room for good. This is the worker's own
+        admission check (card or its last measurement, whichever is larger), which guards the budget.
         """
-        return {name: max(self.sizes.get(name, 0.0), 1.0) for name in self.models}
+        return {name: max(self.card_mb.get(name, 0.0), m.memory_mb, 1.0) for name, m in self.models.items()}
 
     def _pinned(self) -> set[str]:
         """Models with queries waiting or a command in flight: never evicted now."""
@@ -158,7 +188,10 @@ class Scheduler:
             return []
         actions = self.policy.place(model, self._slots(), self._memory(), time.time(), self._pinned())
         if not actions and not self._resident(model):
-            log.warning("cannot place %s (%s): no worker can hold it now", model, reason)
+            now_ms = time.time() * 1000
+            backing_off = any(m == model and f.retry_ms > now_ms for (_, m), f in self.failed.items())
+            log.log(logging.DEBUG if backing_off else logging.WARNING,
+                    "cannot place %s (%s): no worker can hold it now", model, reason)
         return actions
 
     def _replan(self) -> list[Action]:
@@ -169,7 +202,11 @@ class Scheduler:
             return actions
         order = sorted(self.models.values(), key=lambda m: (m.baseline, -self.demand.total(m.name), -m.requests,
                                                              m.name))
-        return fill([m.name for m in order], slots, memory)
+        actions = fill([m.name for m in order], slots, memory)
+        note = getattr(self.policy, "note", None)  # a policy that keeps loads a while learns of these too
+        if note is not None:
+            note(actions, time.time())
+        return actions
 
     def _act(self, actions: list[Action], effects: Effects) -> None:
         now_ms = time.time() * 1000

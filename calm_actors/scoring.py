@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 
 from broker.config import PlannerSettings
@@ -16,16 +18,32 @@ DEFAULT_ENERGY_PER_TOKEN_J = 0.05
 LEARNED_MIN_SAMPLES = 5
 
 
-def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None) -> float:
-    """Blend of the cosine to the profile centroid and to the nearest profile row (description or example).
+MAX_EXEMPLARS = 256  # exemplar prompts per model that join its routing profile
 
-    ``learned`` (the centroid of queries the model served well) joins the profile as one more row.
+
+def profile_texts(name: str, description: str, examples: Sequence[str], exemplars: Sequence[str]) -> list[str]:
+    """The texts a model's routing profile embeds: description (or name), card examples, exemplars."""
+    return [description or name, *examples, *exemplars[:MAX_EXEMPLARS]]
+
+
+NEIGHBOURS = 3  # profile rows averaged for the nearest-neighbour part of the fit
+CENTROID_WEIGHT = 0.3  # the rest goes to the nearest neighbours
+
+
+def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None) -> float:
+    """Cosine fit of a query to a model: mostly its ``NEIGHBOURS`` nearest profile rows, partly the centroid.
+
+    The profile holds the card's description and examples plus the exemplars its fleet ships (prompts
+    from the model's training data). ``learned`` (the centroid of queries the model served well) joins it
+    as one more row.
     """
     rows = profile if learned is None else np.vstack([profile, learned[None, :]])
     sims = rows @ embedding
+    k = min(NEIGHBOURS, sims.shape[0])
+    nearest = np.partition(sims, sims.shape[0] - k)[-k:]
     centroid = rows.mean(axis=0)
     norm = float(np.linalg.norm(centroid)) or 1.0
-    return float(0.5 * (centroid @ embedding) / norm + 0.5 * sims.max())
+    return float(CENTROID_WEIGHT * (centroid @ embedding) / norm + (1 - CENTROID_WEIGHT) * nearest.mean())
 
 
 def learned_row(model: ModelView) -> np.ndarray | None:

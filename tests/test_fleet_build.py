@@ -54,6 +54,18 @@ def test_tiny_fleet_cards_and_files(tiny_fleet: Path) -> None:
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
+def test_every_card_ships_exemplars_from_its_training_split(tiny_fleet: Path) -> None:
+    fleet = load_fleet(tiny_fleet)
+    heldout = {item.prompt for path in fleet.eval_sets.values() for item in read_eval_set(path)}
+    for card in fleet.models:
+        exemplars = fleet.exemplars(card)
+        assert len(exemplars) >= 32 and len(set(exemplars)) == len(exemplars), card.name
+        assert not heldout & set(exemplars), f"{card.name}: an exemplar is a held-out eval prompt"
+    arith = fleet.exemplars(fleet.model("arith"))
+    assert all(p.endswith("=") and "+" in p for p in arith)
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_exported_graph_has_kv_cache_io_and_answers(tiny_fleet: Path) -> None:
     import onnxruntime as ort
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -159,3 +160,22 @@ def test_importing_the_package_does_not_import_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_exemplars_are_read_from_the_card_file_and_errors_name_it(tmp_path: Path) -> None:
+    _model_dir(tmp_path, "a")
+    card = replace(_card(tmp_path, "a"), exemplars="models/a/exemplars.jsonl")
+    fleet = add_model_card(tmp_path, card)
+    with pytest.raises(FleetError, match=r"exemplars.jsonl: cannot read exemplars of model 'a'"):
+        fleet.exemplars(card)
+    path = tmp_path / "models" / "a" / "exemplars.jsonl"
+    path.write_text('{"prompt": "1+2="}\n\n{"prompt": "3+4=", "domain": "arithmetic"}\n')
+    assert load_fleet(tmp_path).exemplars(card) == ("1+2=", "3+4=")
+    assert fleet.exemplars(card, limit=1) == ("1+2=",)
+    assert fleet.exemplars(replace(card, exemplars="")) == ()
+    path.write_text('{"prompt": "1+2="}\n{"text": 3}\n')
+    with pytest.raises(FleetError, match=r"exemplars.jsonl:2: expected"):
+        fleet.exemplars(card)
+    path.write_bytes(b"\xff\xfe not json")
+    with pytest.raises(FleetError, match="are not JSON lines"):
+        fleet.exemplars(card)

@@ -239,3 +239,26 @@ async def test_record_demand_buckets(aclient: aioredis.Redis, names: Names) -> N
     assert demand == {"a": {100: 2, 101: 1}, "b": {16: 1}, "never": {}}
     assert 0 < await aclient.ttl(names.demand("a")) <= 3600
     assert 0 < await aclient.ttl(names.demand("b")) <= 120
+
+
+async def test_exemplars_live_beside_the_card_and_change_its_digest(aclient: aioredis.Redis, names: Names) -> None:
+    kb = KnowledgeBase(aclient, names)
+    await _run(kb, lambda p: kb.register_model(p, "m", {**CARD, "exemplars": ["1+2=", "30+4="]}))
+    first = (await kb.models())["m"]
+    assert await kb.exemplars("m") == ["1+2=", "30+4="]
+    assert first.exemplars_digest and first.examples == tuple(CARD["examples"])
+    assert b"exemplars" not in await aclient.hgetall(names.model("m")), "the hash stays small"
+    await _run(kb, lambda p: kb.register_model(p, "m", {**CARD, "exemplars": ["5+5="]}))
+    assert (await kb.models())["m"].exemplars_digest not in ("", first.exemplars_digest)
+    await _run(kb, lambda p: kb.register_model(p, "m", CARD))
+    assert (await kb.models())["m"].exemplars_digest == "" and await kb.exemplars("m") == []
+
+
+async def test_profiles_are_stored_apart_and_read_in_one_call(aclient: aioredis.Redis, names: Names) -> None:
+    kb = KnowledgeBase(aclient, names)
+    await _run(kb, lambda p: kb.register_model(p, "a", CARD), lambda p: kb.register_model(p, "b", CARD),
+               lambda p: kb.set_profile(p, "a", b"\x00" * 16, 2, "d1"))
+    states = await kb.models()
+    assert (states["a"].profile_rows, states["a"].profile_digest) == (2, "d1")
+    assert states["b"].profile_rows == 0
+    assert await kb.profiles(["a", "b"]) == {"a": b"\x00" * 16}

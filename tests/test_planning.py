@@ -13,7 +13,14 @@ from broker.kb import ModelState
 from broker.messages import Candidate, Query
 from calm_actors.fleetview import FleetView, ModelView
 from calm_actors.planning import Routable, UtilityStrategy, make_strategy, meets_slo, slo_shortfall, utility
-from calm_actors.scoring import DEFAULT_ENERGY_PER_TOKEN_J, DEFAULT_LOAD_S, DEFAULT_MS_PER_TOKEN, predict, semantic_fit
+from calm_actors.scoring import (
+    CENTROID_WEIGHT,
+    DEFAULT_ENERGY_PER_TOKEN_J,
+    DEFAULT_LOAD_S,
+    DEFAULT_MS_PER_TOKEN,
+    predict,
+    semantic_fit,
+)
 
 W = PlannerSettings()
 
@@ -170,13 +177,23 @@ def _unit(*xs: float) -> np.ndarray:
 
 def test_semantic_fit_on_unit_vectors() -> None:
     e1, e2, e3 = _unit(1, 0, 0), _unit(0, 1, 0), _unit(0, 0, 1)
+    w = CENTROID_WEIGHT
     assert semantic_fit(e1, np.stack([e1])) == pytest.approx(1.0, abs=1e-6)
     assert semantic_fit(e3, np.stack([e1, e2])) == pytest.approx(0.0, abs=1e-6)
-    # centroid (1,1,0)/2 has cosine 1/sqrt2 with e1; the nearest row has 1
-    assert semantic_fit(e1, np.stack([e1, e2])) == pytest.approx(0.5 / np.sqrt(2) + 0.5, abs=1e-6)
-    # on the centroid itself: cosine 1 with the centroid, 1/sqrt2 with the nearest row
-    diag = _unit(1, 1, 0)
-    assert semantic_fit(diag, np.stack([e1, e2])) == pytest.approx(0.5 + 0.5 / np.sqrt(2), abs=1e-6)
+    # two rows: both are among the 3 nearest (mean cosine 1/2); the centroid (1,1,0)/2 has cosine 1/sqrt2
+    assert semantic_fit(e1, np.stack([e1, e2])) == pytest.approx(w / np.sqrt(2) + (1 - w) * 0.5, abs=1e-6)
+    # four rows: only the 3 nearest count (e1 twice and e2: mean 2/3); the far row e3 is ignored
+    rows = np.stack([e1, e1, e2, e3])
+    centroid = rows.mean(axis=0)
+    expected = w * float(centroid @ e1) / float(np.linalg.norm(centroid)) + (1 - w) * 2 / 3
+    assert semantic_fit(e1, rows) == pytest.approx(expected, abs=1e-6)
+
+
+def test_exemplars_near_the_query_outweigh_a_distant_description() -> None:
+    query = _unit(1, 0.1, 0)
+    with_exemplars = np.stack([_unit(0, 0, 1), _unit(1, 0, 0), _unit(1, 0.2, 0), _unit(0.9, 0, 0.1)])
+    description_only = np.stack([_unit(0.5, 0.5, 0.5)])
+    assert semantic_fit(query, with_exemplars) > semantic_fit(query, description_only)
 
 
 def test_semantic_fit_ranks_the_closer_profile_higher() -> None:

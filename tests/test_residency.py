@@ -339,3 +339,52 @@ def test_forecast_random_demand_never_exceeds_a_budget_or_evicts_pinned(seed: in
             if want in s.loaded:
                 s.loaded[want] = now
     assert loads > 0 and evictions > 0
+
+
+def test_forecast_request_evicts_an_old_model_before_one_just_loaded_on_demand() -> None:
+    # a and b were busy long ago (high forecast); c has just been loaded on demand for a request.
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+    demand = Demand(10.0)
+    for bucket in range(6):
+        demand.add("a", bucket * 10 + 1, n=9)
+        demand.add("b", bucket * 10 + 1, n=9)
+        demand.add("c", bucket * 10 + 2, n=3)
+    policy = ForecastPolicy(SchedulerSettings(min_residency_s=30.0), demand)
+    slot = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0})
+    _apply(policy.place("c", [slot], mem, now_s=60.0), [slot], 60.0)
+    assert set(slot.loaded) == {"a", "b", "c"}
+    # d is asked for within c's minimum residency: c has the lowest forecast, but a (old) goes instead.
+    actions = policy.place("d", [slot], mem, now_s=61.0)
+    assert [(a.kind, a.model) for a in actions] == [("evict", "a"), ("load", "d")]
+    # Once c is old, the lowest forecast makes room again.
+    later = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0, "c": 61.0})
+    assert policy.place("d", [later], mem, now_s=95.0)[0].model == "c"
+
+
+def test_forecast_plan_never_evicts_a_model_with_backlog_or_one_worth_more() -> None:
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    settings = SchedulerSettings(alpha=0.5, beta=0.5, horizon_s=60.0, hysteresis=0.0)
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 75.0, "b": 79.0})
+    # The plan would swap b for the rising c (see the prefetch test); with work queued for b it may not.
+    assert ForecastPolicy(settings, _ramp_demand()).plan([slot], mem, 80.0, pinned={"b"}) == []
+    # Nothing resident is worth less than c: the plan loads nothing rather than evict for a lesser model.
+    demand = Demand(10.0)
+    for bucket in range(8):
+        demand.add("a", bucket * 10 + 1, n=10)
+        demand.add("b", bucket * 10 + 1, n=10)
+        demand.add("c", bucket * 10 + 1, n=3)
+    assert ForecastPolicy(settings, demand).plan([slot], mem, now_s=80.0) == []
+
+
+def test_forecast_noted_loads_count_as_young_only_for_requests() -> None:
+    # A warm start's fill (noted by the caller) is protected from a request's eviction like a load on demand.
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    demand = Demand(10.0)
+    for bucket in range(6):
+        demand.add("a", bucket * 10 + 1, n=9)
+        demand.add("b", bucket * 10 + 1, n=2)
+    policy = ForecastPolicy(SchedulerSettings(min_residency_s=30.0), demand)
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 10.0})
+    policy.note([Action("load", "w1", "b", "warm start: free memory")], 58.0)
+    slot.loaded["b"] = 58.0
+    assert [(a.kind, a.model) for a in policy.place("c", [slot], mem, now_s=60.0)] == [("evict", "a"), ("load", "c")]

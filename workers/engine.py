@@ -150,6 +150,7 @@ class OnnxCausalLM:
         if used == "cuda" and _CUDA_EP not in session.get_providers():
             raise EngineError(f"{name}: onnxruntime did not enable {_CUDA_EP} for {model_path}")
         kv = _kv_spec(session, config, model_path)
+        _check_vocab(session, config, tokenizer, tok_path, name)
         eos_ids = _eos_ids(model_dir, config, tokenizer, eos_token, name)
         engine = cls(
             name=name,
@@ -492,6 +493,18 @@ def _kv_spec(session: ort.InferenceSession, config: dict[str, Any], model_path: 
         head_dim=int(head_dim),
         dtype=dtype,
     )
+
+
+def _check_vocab(session: ort.InferenceSession, config: dict[str, Any], tokenizer: Tokenizer, tok_path: Path,
+                 name: str) -> None:
+    """Refuse a tokenizer with ids the model has no logits (and no embeddings) for: one from another model."""
+    last = session.get_outputs()[0].shape[-1]
+    vocab = last if isinstance(last, int) else _first_int(config, "vocab_size")
+    ids = tokenizer.get_vocab(with_added_tokens=True).values()
+    top = max(ids, default=-1)
+    if vocab and top >= vocab:
+        raise EngineLoadError(f"{name}: {tok_path} has token ids up to {top} but the model has {vocab}; "
+                              "is it another model's tokenizer?")
 
 
 def _max_context(config: dict[str, Any]) -> int | None:

@@ -28,7 +28,8 @@ from workers.energy import EnergyMeter, make_energy_meter
 from workers.engine import OnnxCausalLM
 from workers.engine_api import Engine
 from workers.errors import WorkerError
-from workers.fleet.spec import Fleet, ModelCard
+from workers.fleet.spec import Fleet, FleetError, ModelCard
+from workers.isolated import IsolatedEngine, isolated_engine_factory
 
 log = logging.getLogger(__name__)
 HEARTBEAT_TTL_FACTOR = 5.0
@@ -81,8 +82,14 @@ class Worker:
         missing = set(self.ws.models) - set(self.cards)
         if missing:
             raise WorkerError(f"models not in fleet {fleet.root}: {', '.join(sorted(missing))}")
-        self.factory = engine_factory or onnx_engine_factory(self.ws.device, self.ws.intra_op_threads,
-                                                             self.ws.gpu_index)
+        if engine_factory is not None and self.ws.isolation == "process":
+            raise WorkerError("worker.isolation=process builds engines in child processes: name a custom one "
+                              "with worker.engine instead of passing an engine factory")
+        if self.ws.isolation == "process":
+            self.factory = isolated_engine_factory(self.ws, logging.getLevelName(log.getEffectiveLevel()))
+        else:
+            self.factory = engine_factory or onnx_engine_factory(self.ws.device, self.ws.intra_op_threads,
+                                                                 self.ws.gpu_index)
         self.meter: EnergyMeter = make_energy_meter(self.ws.device, self.ws.watts_per_core, self.ws.gpu_index)
         self.device = self.ws.device
         self.hosted: dict[str, Hosted] = {}
@@ -97,7 +104,7 @@ class Worker:
     async def prime(self) -> None:
         """Load and close the smallest model once, so the runtime's one-time allocations (arenas, thread
         pools) are not charged to the first model a later RSS measurement sees."""
-        if not self.cards:
+        if not self.cards or self.ws.isolation == "process":  # each child has its own runtime: nothing to share
             return
         smallest = min(self.cards.values(), key=lambda c: (c.memory_mb, c.params))
         try:
@@ -124,6 +131,8 @@ class Worker:
         self.rt.consumer(self.names.control(self.id), self.names.GROUP_CONTROL, handler=self.on_control,
                          batch=16, block_ms=500)
         self.rt.every(self.ws.heartbeat_s, self.heartbeat, "heartbeat")
+        if self.ws.isolation == "process":
+            self.rt.every(self.ws.heartbeat_s, self.reap_dead_engines, "reap dead engines")
         self.rt.on_stop(self.stop)
         for model in self.ws.preload:
             await self.load(model, reason="preload")
@@ -214,7 +223,7 @@ class Worker:
                     engine = await asyncio.get_running_loop().run_in_executor(
                         self._pool, self.factory, card, self.fleet)
                 except Exception as e:
-                    problem = f"loading {model} failed: {e}"
+                    problem = f"loading {model} failed: {' '.join(str(e).split())}"  # one line for logs and events
                 else:
                     measured = max(engine.memory_bytes / 2**20, 0.1)
                     self._measured[model] = measured
@@ -241,7 +250,7 @@ class Worker:
         stream = self.names.work(card.name)
         await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
         consumer = self.rt.consumer(stream, self.names.GROUP_WORKERS, handler=partial(self.serve, card.name),
-                                    batch=1, block_ms=500)
+                                    batch=1, block_ms=500, trim_acked=True)
         self.hosted[card.name] = Hosted(card, engine, consumer, memory_mb)
         alpha = self.settings.qos.ewma_alpha
         pipe = self.rt.client.pipeline(transaction=True)
@@ -260,13 +269,23 @@ class Worker:
                 await self._event("evicted", model, "was not loaded")
                 return
             await self.rt.retire(hosted.consumer)
-            hosted.engine.close()
+            await asyncio.get_running_loop().run_in_executor(self._pool, hosted.engine.close)
+            # An isolated engine's child was measured just before it was killed: that is what came back.
+            freed_mb = hosted.engine.freed_bytes / 2**20 if isinstance(hosted.engine, IsolatedEngine) \
+                else hosted.memory_mb
             pipe = self.rt.client.pipeline(transaction=True)
             self.rt.kb.set_loaded(pipe, model, self.id, False)
             await pipe.execute()
             await self.heartbeat()
-            await self._event("evicted", model, reason, hosted.memory_mb)
-            log.info("evicted %s, %.1f MB freed [%s]", model, hosted.memory_mb, reason)
+            await self._event("evicted", model, reason, freed_mb)
+            log.info("evicted %s, %.1f MB freed [%s]", model, freed_mb, reason)
+
+    async def reap_dead_engines(self) -> None:
+        """Report unloaded every model whose engine process died (a crash, the OOM killer); the worker lives on."""
+        for model, hosted in list(self.hosted.items()):
+            if isinstance(hosted.engine, IsolatedEngine) and hosted.engine.died:
+                log.error("engine process %d of %s died; reporting it unloaded", hosted.engine.pid, model)
+                await self.evict(model, reason="engine process died")
 
     # -- serving -------------------------------------------------------------------
     async def serve(self, model: str, entry: Entry) -> Effects:
@@ -288,6 +307,8 @@ class Worker:
         delay_ms = self.ws.inject_delay_ms + fault.delay_ms
         if delay_ms > 0:
             await asyncio.sleep(delay_ms / 1000)
+        if not outcome["ok"] and isinstance(hosted.engine, IsolatedEngine) and hosted.engine.died:
+            self.rt.spawn(self.reap_dead_engines(), "reap dead engines")
         if outcome["ok"] and fault.error_rate > 0 and self._fault_rng.random() < fault.error_rate:
             outcome = {"ok": False, "error": "injected fault"}
         if outcome["ok"] and fault.confidence_scale != 1.0:
@@ -343,9 +364,18 @@ def max_context(card: ModelCard, fleet: Fleet) -> int:
     return 0
 
 
+def card_exemplars(card: ModelCard, fleet: Fleet) -> list[str]:
+    """The card's exemplar prompts; an unreadable file is logged and routing falls back to the card."""
+    try:
+        return list(fleet.exemplars(card))
+    except FleetError as e:
+        log.warning("model %s: routing without exemplars: %s", card.name, e)
+        return []
+
+
 def _card_fields(card: ModelCard, fleet: Fleet) -> dict[str, Any]:
     return {
-        "max_context": max_context(card, fleet),
+        "max_context": max_context(card, fleet), "exemplars": card_exemplars(card, fleet),
         "description": card.description, "examples": list(card.examples), "domains": list(card.domains),
         "prompt_template": card.prompt_template, "params": card.params, "memory_mb": card.memory_mb,
         "source": card.source, "baseline": card.baseline, "quality": dict(card.quality), "eos_token": card.eos_token,
@@ -367,7 +397,7 @@ def load_engine_factory(spec: str, settings: WorkerSettings) -> EngineFactory:
 
 async def start(rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None) -> Worker:
     ws = rt.settings.worker
-    if engine_factory is None and ws.engine:
+    if engine_factory is None and ws.engine and ws.isolation == "none":  # isolated: each child builds its own
         engine_factory = load_engine_factory(ws.engine, ws)
     worker = Worker(rt, fleet, engine_factory, worker_type=ws.type)
     await worker.start()

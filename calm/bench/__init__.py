@@ -22,6 +22,15 @@ cold_load_rate, loads, evictions, unserved, wait_s, wasted_mb_s (memory x time h
 served no request before eviction or the end; slot-seconds with --slots), vs_lru and vs_belady
 (cold_load_rate relative to theirs). Loads take --load-s of simulated time (default 0: a paging
 model where a miss is counted and the load is instant).
+
+--live replays the trace in real time on the live system instead, once per policy (default lru and
+forecast), each on a freshly started system with one worker whose budget holds --slots K models by
+their cards' sizes and never K+1, the rest headroom for measured sizes above the cards' (or
+--memory-mb M), caches off, every request pinned to the model the trace names.
+cold_loads counts the planner's decisions whose model was not loaded when chosen; loads and evictions
+count the worker's events. The report directory (--report-dir) holds report.json (with the simulated
+figures for the same trace and capacity beside the live ones), replies.jsonl, events.jsonl and a
+residency timeline per policy.
 """
 
 
@@ -41,6 +50,11 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     over.add_argument("--burst", type=int, default=3000, help="cache-hit queries sent at once (default 3000)")
     over.add_argument("--workers", type=int, default=1)
     over.add_argument("--out", help="report directory (default reports/overhead-<time>)")
+    rout = sub.add_parser("routing", help="semantic routing accuracy on the fleet's held-out prompts (offline)")
+    add_common(rout)
+    rout.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
+    rout.add_argument("--limit", type=int, help="at most this many prompts per domain")
+    rout.add_argument("--json", action="store_true", help="print the results as JSON")
     res = sub.add_parser("residency", help="replay an arrival trace through every residency policy",
                          description=RESIDENCY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(res)
@@ -54,7 +68,11 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     res.add_argument("--json", action="store_true", help="print the results as JSON")
     res.add_argument("--load-s", type=float, default=0.0, help="simulated load time per model (default 0)")
     res.add_argument("--policies", default="lru,demand60,static,forecast,belady",
-                     help="comma-separated policies to run (default all)")
+                     help="comma-separated policies to run (default all; with --live: lru,forecast)")
+    live = res.add_argument_group("live runs")
+    live.add_argument("--live", action="store_true", help="run the trace on the live system, per policy")
+    live.add_argument("--report-dir", help="with --live: report directory (default reports/residency-<time>)")
+    live.add_argument("--timeout-s", type=float, default=180.0, help="with --live: wait for last replies (180)")
     gen = res.add_argument_group("synthetic traces")
     gen.add_argument("--out", help="also write the synthetic trace to this JSONL file")
     gen.add_argument("--models", type=int, default=10,
@@ -66,6 +84,9 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     gen.add_argument("--phase-s", type=float, default=1200.0, help="phase: seconds between mix changes (1200)")
     gen.add_argument("--period-s", type=float, default=3600.0, help="periodic: cycle length in seconds (3600)")
     gen.add_argument("--seed", type=int, default=0)
+    from calm.bench.soak import add_parser as add_soak
+
+    add_soak(sub, add_common)
 
 
 def _live_arguments(p: argparse.ArgumentParser) -> None:
@@ -98,6 +119,19 @@ def _residency(args: argparse.Namespace) -> int:
     return cmd_residency(args)
 
 
+def _routing(args: argparse.Namespace) -> int:
+    from calm.bench.routing import cmd_routing
+
+    return cmd_routing(args)
+
+
+def _soak(args: argparse.Namespace) -> int:
+    from calm.bench.soak import cmd_soak
+
+    return cmd_soak(args)
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "bench": _live, "bench live": _live, "bench overhead": _overhead, "bench residency": _residency,
+    "bench routing": _routing, "bench soak": _soak,
 }

@@ -8,6 +8,7 @@ import json
 import time
 from pathlib import Path
 
+from broker.eventloop import run
 from calm import logs
 from calm.cli import EXIT_OK, settings_from
 from calm.workload import Item, bursty_mix, from_trace, queries_for, read_eval_sets, shifting_mix
@@ -68,7 +69,7 @@ def cmd_overhead(args: argparse.Namespace) -> int:
         fleet = fleet_dir(settings, profile="tiny")
         rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
         options = OverheadOptions(rates=rates, seconds_per_rate=args.seconds, burst=args.burst, workers=args.workers)
-        report = asyncio.run(run_overhead(settings, resolved.url, fleet, options))
+        report = run(run_overhead(settings, resolved.url, fleet, options), settings.runtime)
     finally:
         resolved.close()
     out = Path(args.out) if args.out else Path(settings.paths.reports) / f"overhead-{time.strftime('%Y%m%d-%H%M%S')}"

@@ -16,6 +16,7 @@ from broker.connection import client as make_client
 from broker.errors import DecodeError
 from broker.messages import WorkerEvent
 from broker.names import Names
+from calm.bench.events import worker_events
 from calm.loadgen import Run, replay
 from calm.report import comparison, machine_info, strategy_report
 from calm.system import SystemSpec, running_system
@@ -110,6 +111,7 @@ async def run_strategy(settings: Settings, url: str, fleet_dir: Path, items: lis
                                else None, timeout_s=options.timeout_s, progress=options.progress)
             await asyncio.sleep(0.5)
             loads = await model_loads(client, names)
+            run.events = await worker_events(client, names)
     finally:
         await drop_keys(client, prefix)
         await client.aclose()

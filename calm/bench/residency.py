@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from broker.config import Settings
 from calm.bench.simulator import POLICY_NAMES, compare
 from calm.bench.traces import Request, TraceError, TraceSpec, generate, read_trace, write_trace
 from workers.fleet.spec import FLEET_FILE, FleetError, ModelCard
@@ -94,25 +95,37 @@ def cmd_residency(args: argparse.Namespace) -> int:
         raise UsageError(f"--policies takes {', '.join(POLICY_NAMES)}; got {args.policies!r}")
     if args.load_s < 0:
         raise UsageError("--load-s must be >= 0")
+    if args.live:
+        from calm.bench.residency_live import cmd_live_residency
+
+        return cmd_live_residency(args, settings)
     cards = fleet_cards(Path(settings.paths.fleet)) if settings.paths.fleet else None
     trace = load_trace(args, cards)
     budget, memory, unit = capacity(args, trace, cards)
     results = compare(trace, budget, memory, settings.scheduler, args.load_s, policies)
-    span = trace[-1].t - trace[0].t
     report: dict[str, Any] = {
         "policies": results,
-        "trace": {"source": args.trace or f"synthetic:{args.synthetic}", "requests": len(trace),
-                  "models": dict(Counter(r.model for r in trace).most_common()), "span_s": round(span, 3)},
+        "trace": trace_summary(args, trace),
         "capacity": {"budget": budget, "unit": unit, "memory": memory, "load_s": args.load_s},
-        "scheduler": {k: getattr(settings.scheduler, k) for k in (
-            "forecaster", "alpha", "beta", "gamma", "season_s", "bucket_s", "horizon_s", "hysteresis",
-            "min_residency_s", "window_s", "interval_ms")},
+        "scheduler": scheduler_summary(settings),
     }
     if args.json:
         print(json.dumps(report, indent=2))
     else:
         show(report)
     return 0
+
+
+def trace_summary(args: argparse.Namespace, trace: Sequence[Request]) -> dict[str, Any]:
+    return {"source": args.trace or f"synthetic:{args.synthetic}", "requests": len(trace),
+            "models": dict(Counter(r.model for r in trace).most_common()),
+            "span_s": round(trace[-1].t - trace[0].t, 3)}
+
+
+def scheduler_summary(settings: Settings) -> dict[str, Any]:
+    return {k: getattr(settings.scheduler, k) for k in (
+        "forecaster", "alpha", "beta", "gamma", "season_s", "bucket_s", "horizon_s", "hysteresis",
+        "min_residency_s", "window_s", "interval_ms")}
 
 
 def show(report: dict[str, Any]) -> None:

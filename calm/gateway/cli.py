@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 from collections.abc import Callable
 from typing import Any
 
 from broker.config import DEFAULT_REDIS_URL
 from broker.connection import answers
 from broker.errors import BrokerError
+from broker.eventloop import run
 
 EXIT_OK = 0
 
@@ -40,7 +40,7 @@ def cmd_gateway(args: argparse.Namespace) -> int:
         print(f"CALM gateway listening on {listening} (OpenAI API at {listening}/v1, dashboard at {listening}/)",
               flush=True)
 
-    return asyncio.run(serve(settings, url, on_ready=ready))
+    return run(serve(settings, url, on_ready=ready), settings.runtime)
 
 
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"gateway": cmd_gateway}

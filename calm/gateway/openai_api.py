@@ -114,6 +114,9 @@ def parse_request(kind: str, body: Any, query_id: str, names: Names, limits: Ing
             key = str(e).split("'")[1] if str(e).count("'") >= 2 else ""
             param = _PARAM_NAMES.get(key, "messages" if kind == "chat" else "prompt")
             raise bad_request(str(e), param) from None
+        except UnicodeEncodeError:  # JSON may carry a lone surrogate (\ud800), which is not text
+            param = "messages" if kind == "chat" else "prompt"
+            raise bad_request("the prompt is not valid Unicode (it holds a lone surrogate)", param) from None
     return request
 
 

@@ -11,6 +11,7 @@ with more threads each.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
@@ -20,7 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from workers.fleet.data import eval_items, tokenizer_texts, write_eval_set
+from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
 from workers.fleet.jobs import ModelJob, ModelOutcome
 from workers.fleet.profiles import PROFILES
 from workers.fleet.recipes import FleetRecipe, recipe_hash
@@ -138,6 +139,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     )
     shutil.rmtree(root / "tokenizers", ignore_errors=True)
     shutil.rmtree(root / "checkpoints", ignore_errors=True)
+    for job in jobs:
+        write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data)
     cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
     for o in outcomes.values():
         log.info(
@@ -183,4 +186,23 @@ def _card(job: ModelJob, outcome: ModelOutcome, digest: str) -> ModelCard:
         train_wall_s=outcome.train_wall_s,
         quality=outcome.quality,
         eos_token="<|endoftext|>",
+        exemplars=f"models/{m.name}/{EXEMPLARS_FILE}",
     )
+
+
+EXEMPLARS_FILE = "exemplars.jsonl"
+EXEMPLARS_PER_MODEL = 64
+
+
+def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int = EXEMPLARS_PER_MODEL) -> Path:
+    """Write ``n`` training-split prompts, spread over ``domains``, as JSON lines ``{"prompt"}``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    share = max(1, n // max(1, len(domains)))
+    with path.open("w", encoding="utf-8") as fh:
+        for domain in domains:
+            for prompt in get_domain(domain, data).exemplars(share, seed=EXEMPLAR_SEED):
+                fh.write(json.dumps({"prompt": prompt, "domain": domain}, ensure_ascii=False) + "\n")
+    return path
+
+
+EXEMPLAR_SEED = 7

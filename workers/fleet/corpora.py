@@ -105,6 +105,10 @@ class Code:
         """Relative paths of the held-out files."""
         return {rel for rel, _ in stdlib_files() if is_heldout(f"code:{rel}", self.heldout_fraction)}
 
+    def exemplars(self, n: int, seed: int) -> list[str]:
+        """`n` continuation prompts from training files: what the router compares queries to."""
+        return [item.prompt for item in continuation_items(self._docs(heldout=False), n, seed, self.name)]
+
     def eval_items(self, n: int, seed: int) -> list[EvalItem]:
         """`n` continuation items from held-out files."""
         return continuation_items(self._docs(heldout=True), n, seed, self.name)
@@ -141,6 +145,10 @@ class Prose:
     def heldout_keys(self) -> set[str]:
         """Names of the held-out topics."""
         return {k for k, _ in self._docs(heldout=True)}
+
+    def exemplars(self, n: int, seed: int) -> list[str]:
+        """`n` continuation prompts from training topics: what the router compares queries to."""
+        return [item.prompt for item in continuation_items(self._docs(heldout=False), n, seed, self.name)]
 
     def eval_items(self, n: int, seed: int) -> list[EvalItem]:
         """`n` continuation items from held-out topics."""

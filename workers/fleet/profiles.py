@@ -117,11 +117,11 @@ def tiny() -> FleetRecipe:
 
 def demo() -> FleetRecipe:
     """Four specialists (arithmetic, sorting, Python code, English prose) and a larger generalist
-    trained on all of their data; about 11 minutes on 2 quiet cores."""
+    trained on all of their data; about 15-20 minutes on 2 quiet cores."""
     arith = _pair_model("arith", "arithmetic", ARITH_DESC, ARITH_EXAMPLES, steps=900)
     sort = _pair_model("sort", "sorting", SORT_DESC, SORT_EXAMPLES, steps=700)
-    code = _text_model("code", CODE_DESC, CODE_EXAMPLES, steps=300)
-    prose = _text_model("prose", PROSE_DESC, PROSE_EXAMPLES, steps=300)
+    code = _text_model("code", CODE_DESC, CODE_EXAMPLES, steps=900)
+    prose = _text_model("prose", PROSE_DESC, PROSE_EXAMPLES, steps=900)
     general = _generalist(
         (arith, sort, code, prose), hidden=152, layers=4, heads=4, intermediate=416, lr=3e-3, seed=0, max_positions=512
     )

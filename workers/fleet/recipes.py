@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from workers.fleet.data import DataRecipe
 
-BUILDER_VERSION = "2"
+BUILDER_VERSION = "3"
 
 
 @dataclass(frozen=True, slots=True)

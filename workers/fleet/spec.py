@@ -8,10 +8,12 @@ Layout of a fleet directory::
     models/<name>/model.onnx    # one ONNX export dir per model (+ tokenizer.json, config.json)
     embedder/model.onnx         # optional sentence embedder (+ tokenizer.json)
     eval/<domain>.jsonl         # optional held-out eval sets: {"prompt", "reference", "domain"}
+    models/<name>/exemplars.jsonl  # optional typical prompts {"prompt"}: the router compares queries to them
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 import tomllib
@@ -25,6 +27,7 @@ import tomli_w
 FLEET_FILE = "fleet.toml"
 MODEL_FILE = "model.onnx"
 DEFAULT_EOS = "<|endoftext|>"
+MAX_EXEMPLARS = 256
 
 _REQUIRED_CARD_FIELDS = ("name", "path", "description", "examples", "prompt_template")
 
@@ -52,6 +55,7 @@ class ModelCard:
     train_wall_s: float = 0.0
     quality: Mapping[str, float] = field(default_factory=dict)
     eos_token: str = DEFAULT_EOS
+    exemplars: str = ""  # optional JSONL file (relative to the fleet root) of typical prompts for routing
 
     def render(self, prompt: str) -> str:
         """The model input for a user prompt, per `prompt_template`."""
@@ -96,7 +100,7 @@ class ModelCard:
                 raise TypeError("baseline must be true or false")
         except (TypeError, ValueError) as e:
             raise FleetError(f"{where}: model {table['name']!r}: {e}") from e
-        for key in ("name", "path", "description", "prompt_template", "source", "eos_token"):
+        for key in ("name", "path", "description", "prompt_template", "source", "eos_token", "exemplars"):
             if key in kwargs and not isinstance(kwargs[key], str):
                 raise FleetError(f"{where}: model {table['name']!r}: {key} must be a string")
         if not kwargs["name"]:
@@ -135,6 +139,30 @@ class Fleet:
         """The directory holding the card's `model.onnx`."""
         return (self.root / card.path).resolve()
 
+    def exemplars(self, card: ModelCard, limit: int = MAX_EXEMPLARS) -> tuple[str, ...]:
+        """The card's exemplar prompts (at most ``limit``); FleetError naming the file when unreadable."""
+        if not card.exemplars:
+            return ()
+        path = (self.root / card.exemplars).resolve()
+        out: list[str] = []
+        try:
+            with path.open(encoding="utf-8") as fh:
+                for number, line in enumerate(fh, 1):
+                    if len(out) >= limit:
+                        break
+                    if not line.strip():
+                        continue
+                    row = json.loads(line)
+                    prompt = row.get("prompt") if isinstance(row, dict) else None
+                    if not isinstance(prompt, str) or not prompt:
+                        raise FleetError(f"{path}:{number}: expected {{\"prompt\": \"...\"}}")
+                    out.append(prompt)
+        except OSError as e:
+            raise FleetError(f"{path}: cannot read exemplars of model {card.name!r}: {e.strerror}") from e
+        except (ValueError, UnicodeDecodeError) as e:
+            raise FleetError(f"{path}: exemplars of model {card.name!r} are not JSON lines: {e}") from e
+        return tuple(out)
+
     def baseline(self) -> ModelCard | None:
         """The single-model baseline (the first card marked `baseline = true`), if any."""
         return next((c for c in self.models if c.baseline), None)
@@ -145,8 +173,12 @@ class Fleet:
         return tuple(c.name for c in self.models)
 
 
-def load_fleet(directory: Path | str) -> Fleet:
-    """Read and validate `<directory>/fleet.toml`; raise `FleetError` naming the file and the problem."""
+def load_fleet(directory: Path | str, require_model_files: bool = True) -> Fleet:
+    """Read and validate `<directory>/fleet.toml`; raise `FleetError` naming the file and the problem.
+
+    With ``require_model_files=False`` (a worker) a missing `model.onnx` is left for the model's load to
+    report, so one broken model does not take the others down.
+    """
     root = Path(directory).expanduser().resolve()
     path = root / FLEET_FILE
     if not root.is_dir():
@@ -172,7 +204,7 @@ def load_fleet(directory: Path | str) -> Fleet:
             raise FleetError(f"{path}: duplicate model name {card.name!r}")
         seen.add(card.name)
         onnx = root / card.path / MODEL_FILE
-        if not onnx.is_file():
+        if require_model_files and not onnx.is_file():
             raise FleetError(f"{path}: model {card.name!r}: {onnx} is missing")
     embedder = head.get("embedder")
     embedder_path: Path | None = None

@@ -57,6 +57,10 @@ class Arithmetic:
                 continue
             yield self._problem(op, a, b)
 
+    def exemplars(self, n: int, seed: int) -> list[str]:
+        """`n` distinct training-split prompts: what the router compares queries to."""
+        return _distinct_prompts(self.train_pairs(seed), n)
+
     def eval_items(self, n: int, seed: int) -> list[EvalItem]:
         """`n` distinct held-out problems (fewer if the held-out split is smaller)."""
         pool = []
@@ -110,6 +114,10 @@ class Sorting:
             if not is_heldout(self.key(items), self.heldout_fraction):
                 yield self._problem(items)
 
+    def exemplars(self, n: int, seed: int) -> list[str]:
+        """`n` distinct training-split prompts: what the router compares queries to."""
+        return _distinct_prompts(self.train_pairs(seed), n)
+
     def eval_items(self, n: int, seed: int) -> list[EvalItem]:
         """`n` distinct held-out lists; references carry no leading space."""
         rng = random.Random(f"{self.name}:eval:{seed}")
@@ -131,3 +139,12 @@ class Sorting:
         """True when `prompt` (as produced here) is in the held-out split."""
         body = prompt.removeprefix("sort ").removesuffix(" =")
         return is_heldout(self.key([int(x) for x in body.split()]), self.heldout_fraction)
+
+
+def _distinct_prompts(pairs: Iterator[Pair], n: int, tries: int = 100) -> list[str]:
+    out: dict[str, None] = {}
+    for _ in range(tries * max(n, 1)):
+        if len(out) >= n:
+            break
+        out.setdefault(next(pairs)[0])
+    return list(out)

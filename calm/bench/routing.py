@@ -1,0 +1,138 @@
+"""``calm bench routing``: how often semantic routing sends a held-out prompt to its domain's specialist.
+
+Offline and deterministic: the fleet's own embedder, profiles built from the cards exactly as the monitor
+builds them (``profile_texts``), and the analyzer's ``semantic_fit``. Run twice, side by side: with the
+exemplars the fleet ships and with the cards alone (description and examples), so the gain is visible.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calm_actors.embedder import SentenceEmbedder, embedder_dir
+from calm_actors.scoring import profile_texts, semantic_fit
+from workers.fleet.data import read_eval_set
+from workers.fleet.spec import Fleet, load_fleet
+
+BATCH = 64
+
+
+@dataclass(slots=True)
+class DomainResult:
+    """Routing of one domain's held-out prompts."""
+
+    queries: int = 0
+    correct: int = 0
+    routed: Counter[str] = field(default_factory=Counter)
+    misrouted: list[dict[str, str]] = field(default_factory=list)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.queries if self.queries else 0.0
+
+    def to_json(self, keep_misrouted: int) -> dict[str, Any]:
+        return {"queries": self.queries, "correct": self.correct, "accuracy": round(self.accuracy, 4),
+                "routed": dict(self.routed.most_common()), "misrouted": self.misrouted[:keep_misrouted]}
+
+
+def specialists(fleet: Fleet) -> dict[str, str]:
+    """Non-baseline model → the domain it serves (its first domain, else its name)."""
+    return {c.name: (c.domains[0] if c.domains else c.name) for c in fleet.models if not c.baseline}
+
+
+def profiles(fleet: Fleet, embedder: SentenceEmbedder, with_exemplars: bool) -> dict[str, np.ndarray]:
+    """Each specialist's routing profile, built as the monitor builds it."""
+    out: dict[str, np.ndarray] = {}
+    for card in fleet.models:
+        if card.baseline:
+            continue
+        exemplars = fleet.exemplars(card) if with_exemplars else ()
+        out[card.name] = embedder.embed(profile_texts(card.name, card.description, card.examples, exemplars))
+    return out
+
+
+def route(embeddings: np.ndarray, profile: dict[str, np.ndarray]) -> list[str]:
+    """The best-fitting model for each embedded query."""
+    names = list(profile)
+    return [names[int(np.argmax([semantic_fit(e, profile[n]) for n in names]))] for e in embeddings]
+
+
+def evaluate(fleet: Fleet, embedder: SentenceEmbedder, with_exemplars: bool,
+             limit: int | None = None) -> dict[str, DomainResult]:
+    """Route every held-out prompt of every domain that has a specialist; count where each went."""
+    domain_of = specialists(fleet)
+    profile = profiles(fleet, embedder, with_exemplars)
+    results: dict[str, DomainResult] = {}
+    for domain, path in sorted(fleet.eval_sets.items()):
+        if domain not in domain_of.values():
+            continue
+        prompts = [item.prompt for item in read_eval_set(path)][:limit]
+        result = results.setdefault(domain, DomainResult())
+        for start in range(0, len(prompts), BATCH):
+            batch = prompts[start:start + BATCH]
+            for prompt, model in zip(batch, route(embedder.embed(batch), profile), strict=True):
+                result.queries += 1
+                result.routed[model] += 1
+                if domain_of[model] == domain:
+                    result.correct += 1
+                else:
+                    result.misrouted.append({"prompt": prompt[:120], "routed_to": model})
+    return results
+
+
+def summary(results: dict[str, DomainResult], keep_misrouted: int = 5) -> dict[str, Any]:
+    queries = sum(r.queries for r in results.values())
+    correct = sum(r.correct for r in results.values())
+    return {"queries": queries, "correct": correct, "accuracy": round(correct / queries, 4) if queries else 0.0,
+            "min_domain_accuracy": round(min((r.accuracy for r in results.values()), default=0.0), 4),
+            "domains": {d: r.to_json(keep_misrouted) for d, r in results.items()}}
+
+
+def run(fleet_dir: Path, limit: int | None = None) -> dict[str, Any]:
+    """Both variants on one fleet: ``{"routing": {"exemplars": SUMMARY, "card_only": SUMMARY}, "fleet": …}``."""
+    fleet = load_fleet(fleet_dir)
+    embedder = SentenceEmbedder(embedder_dir(fleet.root))
+    variants = {"exemplars": True, "card_only": False}
+    routing = {name: summary(evaluate(fleet, embedder, flag, limit)) for name, flag in variants.items()}
+    exemplar_counts = {c.name: len(fleet.exemplars(c)) for c in fleet.models if not c.baseline}
+    return {"routing": routing, "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
+
+
+def print_table(report: dict[str, Any], names: Sequence[str] = ("exemplars", "card_only")) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="routing accuracy on held-out prompts (semantic fit only)")
+    table.add_column("domain")
+    for name in names:
+        table.add_column(name.replace("_", " "), justify="right")
+    routing = report["routing"]
+    for domain in routing[names[0]]["domains"]:
+        cells = []
+        for name in names:
+            d = routing[name]["domains"][domain]
+            cells.append(f"{d['accuracy']:.1%} ({d['correct']}/{d['queries']})")
+        table.add_row(domain, *cells)
+    table.add_row("overall", *(f"{routing[n]['accuracy']:.1%}" for n in names))
+    Console().print(table)
+
+
+def cmd_routing(args: argparse.Namespace) -> int:
+    from calm.cli import EXIT_OK, settings_from
+    from calm.fleets import fleet_dir
+
+    settings = settings_from(args)
+    report = run(fleet_dir(settings, profile=args.profile), limit=args.limit)
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        print_table(report)
+    return EXIT_OK
