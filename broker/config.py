@@ -78,6 +78,7 @@ class PlannerSettings:
     explore_interval_s: float = 10.0  # probe a near-best model whose QoS is older than this, once per interval
     explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
     route_to_baseline: bool = False  # let automatic routing choose models marked baseline
+    fit_temperature: float = 0.2  # softmax temperature turning cosine fits into shares (0: raw cosine)
     max_queue_per_model: int = 256  # backpressure: a model with this much work waiting takes no more
 
 

@@ -87,9 +87,26 @@ def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Cand
 
 
 def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: PlannerSettings) -> list[Candidate]:
-    """A candidate for every routable model whose context can hold the prompt."""
-    return [predict(query, m, semantic_fit(embedding, m.profile, learned_row(m)), view)
-            for m in view.models.values() if fits_context(query, m.state.max_context)]
+    """A candidate for every routable model whose context can hold the prompt.
+
+    Each candidate's ``fit`` is its share of a softmax over the models' cosine fits at temperature
+    ``planner.fit_temperature`` (0: the raw cosine). Cosines of related specialists differ by a few
+    hundredths, which QoS terms would drown; as shares, the model that fits clearly better keeps the
+    query, and QoS decides between models that fit about equally well.
+    """
+    models = [m for m in view.models.values() if fits_context(query, m.state.max_context)]
+    raw = [semantic_fit(embedding, m.profile, learned_row(m)) for m in models]
+    fits = fit_shares(raw, settings.fit_temperature)
+    return [predict(query, m, fit, view) for m, fit in zip(models, fits, strict=True)]
+
+
+def fit_shares(raw: list[float], temperature: float) -> list[float]:
+    """Softmax of ``raw`` at ``temperature`` (the raw values when it is 0 or there is one model)."""
+    if temperature <= 0 or len(raw) < 2:
+        return raw
+    z = np.asarray(raw, dtype=np.float64) / temperature
+    e = np.exp(z - z.max())
+    return [float(x) for x in e / e.sum()]
 
 
 BYTES_PER_TOKEN_LOW = 1.0  # byte-level BPE: never more tokens than bytes

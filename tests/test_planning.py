@@ -285,3 +285,30 @@ def test_models_whose_context_cannot_hold_the_prompt_are_not_candidates() -> Non
     assert fits_context(short, 64) and fits_context(long, 0)
     assert not fits_context(long, 64) and fits_context(long, 512)
     assert fits_context(Query(id="q", entry_id="1-0", prompt="sort 9 3 5 =", reply_to="calm:replies"), 64)
+
+
+def test_fit_shares_sharpen_small_cosine_gaps_into_clear_preferences() -> None:
+    from calm_actors.scoring import fit_shares
+
+    shares = fit_shares([0.62, 0.58, 0.30], temperature=0.02)
+    assert sum(shares) == pytest.approx(1.0)
+    assert shares[0] > 0.85 and shares[1] < 0.15 and shares[2] < 1e-6
+    softer = fit_shares([0.62, 0.58, 0.30], temperature=0.2)
+    assert shares[0] - shares[1] > softer[0] - softer[1] > 0.62 - 0.58
+    assert fit_shares([0.62, 0.58], temperature=0) == [0.62, 0.58]
+    assert fit_shares([0.4], temperature=0.02) == [0.4]
+
+
+def test_a_clearly_better_fit_outweighs_a_more_confident_neighbour() -> None:
+    from calm_actors.scoring import fit_shares
+
+    w = PlannerSettings()
+
+    def cand(model: str, fit: float, latency_ms: float, energy_j: float, quality: float) -> Candidate:
+        return Candidate(model=model, fit=fit, latency_ms=latency_ms, energy_j=energy_j, quality=quality,
+                         error_rate=0.0, loaded=True, queue=0)
+
+    right, wrong = fit_shares([0.40, 0.33], w.fit_temperature)  # a typical code prompt: code vs prose
+    assert utility(cand("code", right, 50, 0.4, 0.3), w) > utility(cand("prose", wrong, 45, 0.35, 0.6), w)
+    # with raw cosines the neighbour's confidence would win
+    assert utility(cand("prose", 0.33, 45, 0.35, 0.6), w) > utility(cand("code", 0.40, 50, 0.4, 0.3), w)

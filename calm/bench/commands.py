@@ -68,7 +68,8 @@ def cmd_overhead(args: argparse.Namespace) -> int:
     try:
         fleet = fleet_dir(settings, profile="tiny")
         rates = tuple(float(r) for r in args.rates.split(",") if r.strip())
-        options = OverheadOptions(rates=rates, seconds_per_rate=args.seconds, burst=args.burst, workers=args.workers)
+        options = OverheadOptions(rates=rates, seconds_per_rate=args.seconds, burst=args.burst, workers=args.workers,
+                                  extra_sets=tuple(args.set))
         report = run(run_overhead(settings, resolved.url, fleet, options), settings.runtime)
     finally:
         resolved.close()

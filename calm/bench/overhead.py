@@ -32,17 +32,23 @@ PROBE = "12+7="
 class OverheadOptions:
     rates: tuple[float, ...] = (50.0, 100.0, 200.0, 400.0, 800.0)
     seconds_per_rate: float = 4.0
+    extra_sets: tuple[str, ...] = ()  # --set overrides passed on to every process of the system
     burst: int = 3000
     hops: int = 2000
     workers: int = 1
 
 
 async def broker_hop(client: aioredis.Redis, names: Names, samples: int) -> dict[str, float | None]:
-    """Latency of one hop with acknowledgement, the floor under every stage of the pipeline."""
+    """Latency of one hop with acknowledgement, the floor under every stage of the pipeline.
+
+    Closed loop: each entry is sent only once the previous one was read and acknowledged by a consumer
+    already blocked in XREADGROUP, so the figure is the hop itself, never a queue behind it.
+    """
     stream = f"{names.prefix}bench:hop"
     await client.xgroup_create(stream, "g", id="0", mkstream=True)
     reader = aioredis.Redis(connection_pool=client.connection_pool)
     hops: list[float] = []
+    acked = asyncio.Event()
 
     async def consume() -> None:
         while len(hops) < samples:
@@ -51,11 +57,14 @@ async def broker_hop(client: aioredis.Redis, names: Names, samples: int) -> dict
                 for entry_id, fields in items:
                     await reader.xack(stream, "g", entry_id)
                     hops.append((time.perf_counter() - float(fields[b"t"])) * 1000)
+                    acked.set()
 
     task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)  # let the consumer block first
     for _ in range(samples):
+        acked.clear()
         await client.xadd(stream, {"t": repr(time.perf_counter())})
-        await asyncio.sleep(0.0005)
+        await asyncio.wait_for(acked.wait(), 10)
     await asyncio.wait_for(task, 60)
     await client.delete(stream)
     return {"p50": percentile(hops, 50), "p99": percentile(hops, 99)}
@@ -104,8 +113,9 @@ async def run_overhead(settings: Settings, url: str, fleet_dir: Path, options: O
     client = make_client(url, run_settings.redis)
     try:
         hop = await broker_hop(client, names, options.hops)
-        system = SystemSpec(workers=options.workers, passthrough=("--set=log.level=WARNING",
-                                                                  "--set=planner.max_queue_per_model=100000"))
+        sets = ("--set=log.level=WARNING", "--set=planner.max_queue_per_model=100000",
+                *(f"--set={s}" for s in options.extra_sets))
+        system = SystemSpec(workers=options.workers, passthrough=sets)
         async with running_system(run_settings, url, fleet_dir, system):
             collector = ReplyCollector(client, names, "overhead-warm")
             await collector.wait_for([await collector.send(PROBE, max_new_tokens=4)], 60)  # fills the exact cache
