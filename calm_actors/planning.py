@@ -66,6 +66,7 @@ def slo_shortfall(c: Candidate, q: Query) -> float:
 PINNED = "pinned by the query"
 MAX_MARGIN_SCALE = 5.0
 NEVER_SEEN_S = 1e8
+PROBE_MIN_FIT_SHARE = 0.5  # an exploration probe goes only to a model fitting at least half as well as the best
 
 
 def if_loaded(c: Candidate) -> Candidate:
@@ -129,8 +130,10 @@ class UtilityStrategy:
             trust = min(MAX_MARGIN_SCALE, max(1.0, c.age_s / interval))
             return utility(c, self.weights) >= best_u - self.weights.explore_margin * trust
 
-        # Only models with telemetry that went stale: a model never measured keeps its optimistic prior.
+        # Only models with telemetry that went stale (a model never measured keeps its optimistic prior)
+        # and that fit the query about as well as the best: probing an unrelated model only costs quality.
         stale = [c for c in meeting if c.model != best.model and c.loaded and interval < c.age_s < NEVER_SEEN_S
+                 and c.fit >= PROBE_MIN_FIT_SHARE * best.fit
                  and close_enough(c) and now_s - self._probed.get(c.model, 0.0) > interval]
         if not stale:
             return None

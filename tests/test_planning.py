@@ -312,3 +312,20 @@ def test_a_clearly_better_fit_outweighs_a_more_confident_neighbour() -> None:
     assert utility(cand("code", right, 50, 0.4, 0.3), w) > utility(cand("prose", wrong, 45, 0.35, 0.6), w)
     # with raw cosines the neighbour's confidence would win
     assert utility(cand("prose", 0.33, 45, 0.35, 0.6), w) > utility(cand("code", 0.40, 50, 0.4, 0.3), w)
+
+
+def test_exploration_probes_only_models_that_fit_the_query() -> None:
+    w = PlannerSettings(explore_interval_s=10)
+
+    def cand(model: str, fit: float, age_s: float) -> Routable:
+        return Routable(Candidate(model=model, fit=fit, latency_ms=20, energy_j=0.1, quality=0.9, error_rate=0.0,
+                                  loaded=True, queue=0, age_s=age_s), baseline=False)
+
+    fresh_best = cand("arith", 0.7, 1)
+    unrelated = cand("code", 0.05, 500)  # stale, but it does not fit an arithmetic prompt
+    neighbour = cand("generalist", 0.4, 500)  # stale and a plausible fit
+    decision = UtilityStrategy(w).choose(_q(), [fresh_best, unrelated], now_s=1000)
+    assert decision is not None and decision.model == "arith" and not decision.explored
+    decision = UtilityStrategy(w).choose(_q(), [fresh_best, unrelated, neighbour],
+                                         now_s=1000)
+    assert decision is not None and decision.explored and decision.model == "generalist"
