@@ -163,13 +163,23 @@ class Worker:
 
     async def heartbeat(self) -> None:
         await self._read_faults()
+        ttl = self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR
         pipe = self.rt.client.pipeline(transaction=False)
+        pipe.sismember(self.names.workers, self.id)
         self.rt.kb.heartbeat(
-            pipe, self.id, self.ws.heartbeat_s * HEARTBEAT_TTL_FACTOR, models_loaded=list(self.hosted),
+            pipe, self.id, ttl, models_loaded=list(self.hosted),
             memory_used_mb=f"{self.memory_used_mb:.1f}", inflight=self.inflight, state="up",
             last_used={m: h.last_used_ms for m, h in self.hosted.items()},
         )
-        await pipe.execute()
+        known, *_ = await pipe.execute()
+        if not known:  # the scheduler removed us after missed heartbeats (we hung, or were paused): rejoin
+            log.warning("worker %s was declared dead; registering again with %s loaded", self.id,
+                        ", ".join(self.hosted) or "nothing")
+            pipe = self.rt.client.pipeline(transaction=True)
+            self.rt.kb.register_worker(pipe, self._state(), ttl)
+            for model in self.hosted:
+                self.rt.kb.set_loaded(pipe, model, self.id, True)
+            await pipe.execute()
 
     async def _read_faults(self) -> None:
         """Pick up injected faults (``calm:faults:<model>``) for the hosted models."""
