@@ -126,6 +126,8 @@ class SchedulerSettings:
     min_residency_s: float = 30.0  # a model the plan prefetched stays at least this long
     prefetch_min_requests: float = 0.5  # prefetch only models expected to get this many requests in the horizon
     max_replicas: int = 2  # copies of one model the plan may spread over workers when one cannot keep up
+    change_p: float = 0.003  # forecast: counts this unlikely (Poisson) under the forecast restart its level (0: never)
+    quiet_discount: float = 1.0  # forecast: to evict, a model q nats quieter than forecast counts exp(-this*q) as much
     static_models: tuple[str, ...] = ()  # static: the models to keep (empty: the most demanded so far)
 
     def __post_init__(self) -> None:
@@ -139,9 +141,11 @@ class SchedulerSettings:
         for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"scheduler.{name} must be > 0")
-        for name in ("season_s", "hysteresis", "min_residency_s", "prefetch_min_requests"):
+        for name in ("season_s", "hysteresis", "min_residency_s", "prefetch_min_requests", "quiet_discount"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"scheduler.{name} must be >= 0")
+        if not 0.0 <= self.change_p < 1.0:
+            raise ConfigError("scheduler.change_p must be within [0, 1) (0: no change detection)")
 
 
 @dataclass(frozen=True, slots=True)

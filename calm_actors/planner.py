@@ -87,8 +87,11 @@ class Planner:
         effects.xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
         explanation = self._explain(planned, message)
         effects.xadd(self.names.decisions, explanation, maxlen=self.settings.streams.decisions_maxlen)
+        # A pinned query is demand for its model only; an automatic one also counts for its topic, so a cold
+        # specialist is credited with what the planner had to send elsewhere.
+        topic = planned.domain if query.model is None else ""
         effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now, self.settings.scheduler.bucket_s,
-                                                        domain=planned.domain))
+                                                        domain=topic))
         chosen = self.view.models.get(decision.model)
         wants = [decision.wanted] if decision.wanted else []
         if chosen is None or not chosen.loaded_on:

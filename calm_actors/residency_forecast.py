@@ -12,6 +12,15 @@ plan), lowest value first, a young one only when nothing else makes room (a wait
 residency). Loads the plan wants are prefetches: they happen before the requests come. A model whose
 expected rate exceeds what one copy serves (``capacity_rps``) gets a copy on a second worker, up to
 ``max_replicas``.
+
+Against a forecast that lags a change of phase (a model whose phase just ended is still forecast
+busy for a while): the forecasters restart their level on counts too unlikely under them
+(``change_p``); when a request needs room, a prefetch not yet asked for ranks lower the quieter
+than forecast its model has been (worth × ``exp(-quiet_discount × surprise)``, the surprise in
+nats); and a prefetch that a request evicted before the model was asked for is not repeated until
+the model is asked for again or ``min_residency_s`` has passed, unless the forecast sees the model
+rising later in the horizon (a seasonal prefetch): the plan does not keep fetching back a model
+the requests push out.
 """
 
 from __future__ import annotations
@@ -21,11 +30,12 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from broker.config import SchedulerSettings
-from calm_actors.forecast import Demand, Forecaster, make_forecaster
+from calm_actors.forecast import RARE, Demand, Forecaster, make_forecaster
 from calm_actors.residency import Action, ModelCosts, Slot, make_room, place_on_demand
 
 MAX_HISTORY_BUCKETS = 8640  # how far back a fresh policy learns from (a day of 10 s buckets)
 KEEP = math.inf
+RISE = 1.5  # a forecast this many times higher later in the horizon than next is a predicted rise
 
 
 @dataclass(frozen=True, slots=True)
@@ -52,22 +62,35 @@ class ForecastPolicy:
         self._forecasters: dict[str, Forecaster] = {}
         self._fed: int | None = None  # the first bucket the forecasters have not seen
         self._loaded_at: dict[tuple[str, str], tuple[float, bool]] = {}  # (worker, model) -> (when, by the plan)
-        self._expected_at: tuple[float, int, dict[str, float]] | None = None
+        self._fetched: dict[tuple[str, str], int] = {}  # prefetched (worker, model) -> its requests then
+        self._refuted: dict[str, tuple[float, int]] = {}  # model -> (when, its requests then): not to prefetch
+        self._expected_at: tuple[float, int, dict[str, float], dict[str, float]] | None = None
         self._settled: tuple[object, ...] | None = None  # inputs of the last plan that changed nothing
 
     # -- forecasting ---------------------------------------------------------------
     def expected(self, models: Iterable[str], now_s: float) -> dict[str, float]:
         """Requests each model is expected to get from ``now_s`` to the end of the horizon."""
+        return self._forecast(models, now_s)[0]
+
+    def quiet(self, models: Iterable[str], now_s: float) -> dict[str, float]:
+        """How much quieter than its forecast each model has been lately (nats; 0: not quieter)."""
+        return self._forecast(models, now_s)[1]
+
+    def _forecast(self, models: Iterable[str], now_s: float) -> tuple[dict[str, float], dict[str, float]]:
         wanted = set(models) | set(self.demand.models())
         cached = self._expected_at
         if cached is not None and cached[:2] == (now_s, self.demand.version) and wanted <= cached[2].keys():
-            return cached[2]
+            return cached[2], cached[3]
         self._catch_up(wanted, now_s)
         current = self.demand.bucket(now_s)
         fraction = now_s / self.demand.bucket_s - current
-        out = {m: self._forecasters[m].outlook(self.horizon, self.demand.count(m, current), fraction) for m in wanted}
-        self._expected_at = (now_s, self.demand.version, out)
-        return out
+        out, quiet = {}, {}
+        for m in wanted:
+            count = self.demand.count(m, current)
+            out[m] = self._forecasters[m].outlook(self.horizon, count, fraction)
+            quiet[m] = self._forecasters[m].quiet(count, fraction)
+        self._expected_at = (now_s, self.demand.version, out, quiet)
+        return out, quiet
 
     def _catch_up(self, models: set[str], now_s: float) -> None:
         """Feed every completed bucket the forecasters have not seen yet."""
@@ -92,12 +115,20 @@ class ForecastPolicy:
               pinned: Iterable[str] = ()) -> list[Action]:
         """A request needs ``model``: load it, evicting old models before young ones, lowest forecast first."""
         worth = self.worth(memory_mb, now_s)
+        quiet = self.quiet(memory_mb, now_s)
         young = self._young(slots, now_s, on_demand=True)
 
         def key(slot: Slot, victim: str) -> tuple[bool, float, float]:
-            return (slot.worker, victim) in young, worth.get(victim, 0.0), slot.loaded[victim]
+            value = worth.get(victim, 0.0)
+            if self._unproven(slot.worker, victim):  # fetched for requests that are not coming as forecast?
+                value *= math.exp(-self.settings.quiet_discount * quiet.get(victim, 0.0))
+            return (slot.worker, victim) in young, value, slot.loaded[victim]
 
         actions = place_on_demand(model, slots, memory_mb, pinned, key, "load on demand (lowest forecast makes room)")
+        for action in actions:  # a request pushed out a prefetch before its model was asked for
+            if action.kind == "evict" and self._unproven(action.worker, action.model) \
+                    and not self._rising(action.model):
+                self._refuted[action.model] = (now_s, self._fetched[(action.worker, action.model)])
         self.note(actions, now_s)
         return actions
 
@@ -141,14 +172,29 @@ class ForecastPolicy:
         self._settled = None if actions else inputs
         return actions
 
+    def _unproven(self, worker: str, model: str) -> bool:
+        """Whether the plan prefetched ``model`` on ``worker`` and nobody has asked for it since."""
+        asked = self._fetched.get((worker, model))
+        return asked is not None and self.demand.total(model) <= asked
+
+    def _rising(self, model: str) -> bool:
+        """Whether the forecast has ``model`` clearly busier later in the horizon than next (a predicted rise)."""
+        path = self._forecasters[model].predict(self.horizon) if model in self._forecasters else []
+        return bool(path) and max(path) > RISE * path[0] + RARE
+
     def note(self, actions: Iterable[Action], now_s: float, by_plan: bool = False) -> None:
         """Remember when loads happened (this policy's own, or the caller's, e.g. a warm start's fill)."""
         for action in actions:
             key = (action.worker, action.model)
             if action.kind == "load":
                 self._loaded_at[key] = (now_s, by_plan)
+                if by_plan:
+                    self._fetched[key] = self.demand.total(action.model)
+                else:
+                    self._fetched.pop(key, None)
             else:
                 self._loaded_at.pop(key, None)
+                self._fetched.pop(key, None)
 
     def _young(self, slots: list[Slot], now_s: float, on_demand: bool = False) -> set[tuple[str, str]]:
         """(worker, model) pairs loaded less than ``min_residency_s`` ago and still resident.
@@ -163,6 +209,7 @@ class ForecastPolicy:
         """
         held = {(s.worker, m) for s in slots for m in s.loaded}
         self._loaded_at = {k: v for k, v in self._loaded_at.items() if k in held}
+        self._fetched = {k: v for k, v in self._fetched.items() if k in held}
         span = self.settings.min_residency_s
         recent = {k: by_plan for k, (t, by_plan) in self._loaded_at.items() if now_s - t < span}
         if not recent:
@@ -178,6 +225,8 @@ class ForecastPolicy:
         s = self.settings
         expected = self.expected(memory_mb, now_s)
         entries: list[Entry] = []
+        self._refuted = {m: (t, n) for m, (t, n) in self._refuted.items()
+                         if now_s - t < s.min_residency_s and self.demand.total(m) <= n}
         for model, demand in expected.items():
             need = memory_mb.get(model, 0.0)
             servers = [x for x in slots if model in x.servable and x.budget_mb >= need]
@@ -189,7 +238,7 @@ class ForecastPolicy:
                     break
                 share = demand if copy == 1 else max(0.0, demand - (copy - 1) * capacity)
                 incumbent = copy <= len(holders)
-                if not incumbent and share < s.prefetch_min_requests:
+                if not incumbent and (share < s.prefetch_min_requests or model in self._refuted):
                     break
                 worth = share * self.costs.cold_cost(model)
                 if must and incumbent:

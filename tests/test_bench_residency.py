@@ -230,12 +230,7 @@ def test_cli_table_and_errors(tmp_path: Path, card_fleet: Path, monkeypatch: pyt
     assert code == 1 and "--fleet" in err
 
 
-@pytest.mark.parametrize("name", [
-    "lru",
-    pytest.param("forecast", marks=pytest.mark.xfail(strict=True, reason=(
-        "issue 5, open: on phases of a few buckets the forecast of the model whose phase ended lags "
-        "(Holt over 10 s buckets), so the plan keeps prefetching it over the model just loaded on demand"))),
-])
+@pytest.mark.parametrize("name", ["lru", "forecast"])
 def test_no_thrash_between_two_models_on_a_two_slot_phase_shift(name: str) -> None:
     # Three models, two busy per phase (75/25), two slots: a phase shift costs a load or two, never a ping-pong.
     rng = random.Random(7)

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from broker.config import SchedulerSettings
-from calm_actors.forecast import Demand, Holt, HoltWinters, make_forecaster
+from calm_actors.forecast import Demand, Holt, HoltWinters, make_forecaster, surprise
 
 
 def test_demand_counts_in_buckets_and_windows() -> None:
@@ -104,3 +106,45 @@ def test_make_forecaster_follows_the_config() -> None:
     seasonal = make_forecaster(SchedulerSettings(forecaster="seasonal", season_s=600.0, bucket_s=10.0))
     assert isinstance(seasonal, HoltWinters) and seasonal.season == 60
     assert isinstance(make_forecaster(SchedulerSettings(forecaster="seasonal", season_s=0.0)), Holt)
+
+
+def test_a_surprising_silence_restarts_the_level_at_once() -> None:
+    # Busy at 11 a bucket, then nothing: plain Holt lags for buckets; with change detection the level restarts.
+    plain, watchful = Holt(alpha=0.3, beta=0.02), Holt(alpha=0.3, beta=0.02, change_nats=-math.log(0.003))
+    for holt in (plain, watchful):
+        holt.update([11.0] * 6)
+    state = (watchful.level, watchful.trend, watchful.run)
+    assert watchful.outlook(2, 0.0, 0.1) == pytest.approx(plain.outlook(2, 0.0, 0.1))  # a second of silence: no news
+    assert watchful.quiet(0.0, 0.1) == pytest.approx(1.1)  # 1.1 requests were due: e^-1.1 to see none
+    assert plain.outlook(2, 0.0, 0.7) > 15.0  # seven seconds of silence: Holt still expects most of its rate
+    assert watchful.outlook(2, 0.0, 0.7) == 0.0  # e^-7.7 under the forecast: the phase is over
+    assert (watchful.level, watchful.trend, watchful.run) == state  # outlook changed no state
+    plain.update([0.0])
+    watchful.update([0.0])
+    assert plain.level > 7.0 and watchful.level == 0.0 and watchful.trend == 0.0
+    # Noise does not trip it: Poisson-like counts around a steady rate never restart the level.
+    steady = Holt(alpha=0.3, beta=0.02, change_nats=-math.log(0.003))
+    steady.update([11.0, 8.0, 14.0, 10.0, 12.0, 7.0, 13.0, 11.0, 9.0])
+    assert 9.0 < steady.level < 13.0 and steady.run.buckets > 0
+
+
+def test_a_surprising_surge_restarts_the_level_and_default_forecasters_watch() -> None:
+    holt = Holt(alpha=0.3, beta=0.02, change_nats=-math.log(0.003))
+    holt.update([0.0] * 10 + [12.0])
+    assert holt.level == pytest.approx(12.0)
+    assert surprise(0.0, 5.0) == pytest.approx(5.0) and surprise(5.0, 5.0) == 0.0
+    assert surprise(1.0, 0.0) == pytest.approx(surprise(1.0, 0.1))  # expectations are floored: finite
+    assert make_forecaster(SchedulerSettings()).change_nats == pytest.approx(-math.log(0.003))  # type: ignore[attr-defined]
+    assert make_forecaster(SchedulerSettings(change_p=0.0)).change_nats == 0.0  # type: ignore[attr-defined]
+
+
+def test_holt_winters_change_detection_is_relative_to_the_season() -> None:
+    season = [0.0] * 6 + [10.0] * 4
+    hw = HoltWinters(season=10, alpha=0.2, beta=0.0, gamma=0.5, smooth=0, change_nats=-math.log(0.003))
+    hw.update(season * 6)
+    level = hw.level
+    hw.update(season[:6])  # the quiet part, as forecast: no change
+    assert hw.level == pytest.approx(level, abs=0.5)
+    assert hw.predict(4)[0] > 8.0  # the rise is still coming
+    hw.update([0.0, 0.0])  # the busy part stays silent: that is news
+    assert hw.quiet(0.0, 0.0) == 0.0 and hw.level < level - 5.0

@@ -285,8 +285,10 @@ def test_forecast_never_evicts_pinned_or_freshly_prefetched_models_to_plan() -> 
     policy = ForecastPolicy(settings, _ramp_demand())
     _apply(policy.plan([slot], mem, 80.0), [slot], 80.0)
     assert set(slot.loaded) == {"a", "c"}
-    policy.demand.add("b", 85.0, n=200)  # b surges; a has queries waiting (pinned), c was just prefetched
+    policy.demand.add("b", 85.0, n=70)  # b surges; a has queries waiting (pinned), c was just prefetched
     assert policy.plan([slot], mem, 86.0, pinned={"a"}) == []
+    for t in (95.0, 105.0, 110.5):  # b keeps it up (a burst that stopped would read as over)
+        policy.demand.add("b", t, n=70)
     assert [(a.kind, a.model) for a in policy.plan([slot], mem, 111.0, pinned={"a"})] == [("evict", "c"), ("load", "b")]
 
 
@@ -356,7 +358,11 @@ def test_forecast_request_evicts_an_old_model_before_one_just_loaded_on_demand()
     # d is asked for within c's minimum residency: c has the lowest forecast, but a (old) goes instead.
     actions = policy.place("d", [slot], mem, now_s=61.0)
     assert [(a.kind, a.model) for a in actions] == [("evict", "a"), ("load", "d")]
-    # Once c is old, the lowest forecast makes room again.
+    # Once c is old, the lowest forecast makes room again (all three still asked for as before).
+    for bucket in range(6, 10):
+        demand.add("a", bucket * 10 + 1, n=9)
+        demand.add("b", bucket * 10 + 1, n=9)
+        demand.add("c", bucket * 10 + 2, n=3)
     later = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0, "c": 61.0})
     assert policy.place("d", [later], mem, now_s=95.0)[0].model == "c"
 
@@ -388,3 +394,26 @@ def test_forecast_noted_loads_count_as_young_only_for_requests() -> None:
     policy.note([Action("load", "w1", "b", "warm start: free memory")], 58.0)
     slot.loaded["b"] = 58.0
     assert [(a.kind, a.model) for a in policy.place("c", [slot], mem, now_s=60.0)] == [("evict", "a"), ("load", "c")]
+
+
+def test_forecast_does_not_fetch_back_a_prefetch_a_request_pushed_out_before_it_was_asked_for() -> None:
+    # The thrash of a short phase shift: the plan fetches b back, a request for c pushes it out, again and again.
+    mem = {"a": 1.0, "b": 1.0, "c": 1.0}
+    demand = Demand(10.0)
+    for bucket in range(8):
+        demand.add("a", bucket * 10 + 1, n=10)
+        demand.add("b", bucket * 10 + 1, n=6)
+    demand.add("c", 79.0)
+    policy = ForecastPolicy(SchedulerSettings(change_p=0.0), demand)  # b stays forecast busy (no change test)
+    slot = Slot("w1", 2.0, frozenset(mem), {"a": 79.0, "c": 79.0})
+    plan = policy.plan([slot], mem, 80.0)
+    assert [(a.kind, a.model) for a in plan] == [("evict", "c"), ("load", "b")]  # c looked like a one-off
+    _apply(plan, [slot], 80.0)
+    demand.add("c", 80.5)  # it was not: c is asked for again, with work waiting for a (pinned)
+    place = policy.place("c", [slot], mem, 80.5, pinned={"a"})
+    assert [(a.kind, a.model) for a in place] == [("evict", "b"), ("load", "c")]
+    _apply(place, [slot], 80.5)
+    assert policy.plan([slot], mem, 81.0) == []  # b was fetched for nothing and pushed out: not again
+    assert policy.plan([slot], mem, 95.5) == []
+    demand.add("b", 96.0)  # b is asked for: the forecast may fetch it again
+    assert [(a.kind, a.model) for a in policy.plan([slot], mem, 97.0)] == [("evict", "c"), ("load", "b")]
