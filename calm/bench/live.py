@@ -10,11 +10,8 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from broker.codec import decode
 from broker.config import Settings
 from broker.connection import client as make_client
-from broker.errors import DecodeError
-from broker.messages import WorkerEvent
 from broker.names import Names
 from calm.bench.events import worker_events
 from calm.loadgen import Run, replay
@@ -61,18 +58,9 @@ class BenchOptions:
     extra_sets: tuple[str, ...] = ()
 
 
-async def model_loads(client: aioredis.Redis, names: Names) -> list[tuple[float, str]]:
-    """(ms, model) of every model load workers reported on the scheduler stream."""
-    rows: Any = await client.xrange(names.sched, count=100_000)
-    loads = []
-    for entry_id, fields in rows:
-        try:
-            message = decode(fields)
-        except DecodeError:
-            continue
-        if isinstance(message, WorkerEvent) and message.event == "loaded" and message.detail != "already loaded":
-            loads.append((float(entry_id.decode().split("-")[0]), message.model))
-    return loads
+def model_loads(events: list[dict[str, Any]]) -> list[tuple[float, str]]:
+    """(ms, model) of every model load among the recorded worker events."""
+    return [(e["at_ms"], e["model"]) for e in events if e["event"] == "loaded" and e["detail"] != "already loaded"]
 
 
 async def warm_up(client: aioredis.Redis, names: Names, fleet: Fleet) -> None:
@@ -110,8 +98,8 @@ async def run_strategy(settings: Settings, url: str, fleet_dir: Path, items: lis
             run = await replay(client, names, items, spec.name, pin=baseline.name if spec.pin_baseline and baseline
                                else None, timeout_s=options.timeout_s, progress=options.progress)
             await asyncio.sleep(0.5)
-            loads = await model_loads(client, names)
             run.events = await worker_events(client, names)
+            loads = model_loads(run.events)
     finally:
         await drop_keys(client, prefix)
         await client.aclose()
