@@ -25,7 +25,7 @@ from broker.config import StreamSettings
 from broker.effects import Effects, Entry
 from broker.errors import DecodeError, ValidationError
 from broker.names import Names
-from broker.retention import trim_acknowledged
+from broker.retention import as_text, id_key, trim_acknowledged
 
 log = logging.getLogger(__name__)
 
@@ -137,7 +137,7 @@ class StreamConsumer:
                 if fields is None:  # entry trimmed/deleted while pending: nothing to process
                     await self.writer.xack(self.spec.stream, self.spec.group, entry_id)
                     continue
-                entries.append(Entry(self.spec.stream, _text(entry_id), dict(fields)))
+                entries.append(Entry(self.spec.stream, as_text(entry_id), dict(fields)))
         return entries
 
     async def _process(self, entries: list[Entry]) -> None:
@@ -216,8 +216,8 @@ class StreamConsumer:
             self.spec.stream, self.spec.group, self.spec.consumer,
             min_idle_time=self.settings.reclaim_idle_ms, start_id=cursor, count=self._batch,
         )
-        next_cursor, claimed = _text(reply[0]), reply[1]
-        entries = [Entry(self.spec.stream, _text(i), dict(f)) for i, f in claimed if f is not None]
+        next_cursor, claimed = as_text(reply[0]), reply[1]
+        entries = [Entry(self.spec.stream, as_text(i), dict(f)) for i, f in claimed if f is not None]
         if not entries:
             return next_cursor
         counts = await self._delivery_counts([e.id for e in entries])
@@ -239,10 +239,10 @@ class StreamConsumer:
 
     async def _delivery_counts(self, ids: list[str]) -> dict[str, int]:
         rows: Any = await self.writer.xpending_range(
-            self.spec.stream, self.spec.group, min=min(ids, key=_id_key), max=max(ids, key=_id_key),
+            self.spec.stream, self.spec.group, min=min(ids, key=id_key), max=max(ids, key=id_key),
             count=len(ids) * 4 + 10, consumername=self.spec.consumer,
         )
-        return {_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
+        return {as_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def _retrying(self, fn: Callable[[], Awaitable[object]], attempts: int = 50) -> None:
         for attempt in range(attempts):
@@ -258,12 +258,3 @@ class StreamConsumer:
     async def _sleep(self, seconds: float) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stop.wait(), timeout=seconds)
-
-
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
-
-
-def _id_key(entry_id: str) -> tuple[int, int]:
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)
