@@ -79,6 +79,9 @@ class PlannerSettings:
     explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
     route_to_baseline: bool = False  # let automatic routing choose models marked baseline
     fit_temperature: float = 0.2  # softmax temperature turning cosine fits into shares (0: raw cosine)
+    classifier_weight: float = 0.7  # share of a specialist's fit given by the domain classifier (0: cosine only)
+    classifier_temperature: float = 0.1  # softmax temperature over the classifier's scores
+    classifier_ridge: float = 0.5  # ridge penalty when the monitor trains the classifier
     max_queue_per_model: int = 256  # backpressure: a model with this much work waiting takes no more
 
 

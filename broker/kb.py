@@ -179,6 +179,24 @@ class KnowledgeBase:
         rows = await self.client.mget([self.names.profile(n) for n in names])
         return {n: raw for n, raw in zip(names, rows, strict=True) if isinstance(raw, bytes) and raw}
 
+    def set_classifier(self, pipe: Pipeline, digest: str, models: Sequence[str], blob: bytes, now_ms: float) -> None:
+        """Queue the write of the fleet's domain classifier (an opaque ``blob``) trained from ``digest``."""
+        pipe.hset(self.names.classifier, mapping={"digest": digest, "models": json.dumps(list(models)),
+                                                  "blob": blob, "trained_at_ms": int(now_ms)})
+        pipe.incr(self.names.kb_version)
+
+    async def classifier_digest(self) -> str:
+        """The digest of the stored domain classifier ('' when there is none)."""
+        raw = await self.client.hget(self.names.classifier, "digest")
+        return _s(raw) if raw else ""
+
+    async def classifier(self) -> tuple[str, bytes] | None:
+        """The stored domain classifier as (digest, blob), or None."""
+        digest, blob = await self.client.hmget(self.names.classifier, ["digest", "blob"])
+        if not digest or not isinstance(blob, bytes) or not blob:
+            return None
+        return _s(digest), blob
+
     def record_qos(self, pipe: Pipeline, name: str, alpha: float, values: Mapping[str, float], ok: bool,
                    window: int, now_ms: float | None = None, stale_tau_s: float = 0.0) -> None:
         """Queue an EWMA update of the model's QoS fields plus its windows of recent values.

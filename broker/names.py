@@ -72,6 +72,11 @@ class Names:
         return f"{self.prefix}exemplars:{name}"
 
     @property
+    def classifier(self) -> str:
+        """The fleet's domain classifier (hash: ``digest``, ``models``, ``blob``), trained by the monitor."""
+        return f"{self.prefix}classifier"
+
+    @property
     def models(self) -> str:
         return f"{self.prefix}models"
 

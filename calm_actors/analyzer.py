@@ -12,7 +12,7 @@ from broker.effects import Effects, Entry
 from broker.messages import Embedded, Scored
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
-from calm_actors.fleetview import FleetView, ProfileCache, load_view
+from calm_actors.fleetview import ClassifierCache, FleetView, ProfileCache, load_view
 from calm_actors.replying import answer_dead_query
 from calm_actors.scoring import domain_of, score_all
 
@@ -33,12 +33,13 @@ class Analyzer:
         self.settings = rt.settings
         self.view = FleetView()
         self._profiles = ProfileCache()
+        self._classifiers = ClassifierCache()
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def refresh(self) -> None:
         self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s,
-                                    self._profiles)
+                                    self._profiles, self._classifiers)
 
     def install(self) -> None:
         self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded, trim_acked=True,

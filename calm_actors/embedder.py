@@ -11,6 +11,7 @@ import onnxruntime as ort
 from tokenizers import Tokenizer
 
 MAX_TOKENS = 256
+RUN_BATCH = 32  # texts per model run
 
 
 class EmbedderError(RuntimeError):
@@ -54,9 +55,18 @@ class SentenceEmbedder:
         self.dim = int(self._session.get_outputs()[0].shape[-1] or 384)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        """A ``(len(texts), dim)`` float32 matrix of L2-normalised embeddings."""
+        """A ``(len(texts), dim)`` float32 matrix of L2-normalised embeddings.
+
+        Texts go through the model ``RUN_BATCH`` at a time: one run over hundreds of long texts would
+        pad them all to the longest and hold gigabytes of attention activations.
+        """
         if not texts:
             return np.zeros((0, self.dim), dtype=np.float32)
+        if len(texts) > RUN_BATCH:
+            return np.vstack([self._embed(texts[i:i + RUN_BATCH]) for i in range(0, len(texts), RUN_BATCH)])
+        return self._embed(texts)
+
+    def _embed(self, texts: Sequence[str]) -> np.ndarray:
         encodings = self._tokenizer.encode_batch(list(texts))
         ids = np.array([e.ids for e in encodings], dtype=np.int64)
         mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +11,9 @@ import numpy as np
 
 from broker.kb import KnowledgeBase, ModelState, WorkerState
 from broker.names import Names
+from calm_actors.domain_classifier import ClassifierError, DomainClassifier
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True, slots=True)
@@ -30,6 +34,7 @@ class FleetView:
     models: dict[str, ModelView] = field(default_factory=dict)
     workers: dict[str, WorkerState] = field(default_factory=dict)
     refreshed_ms: float = 0.0
+    classifier: DomainClassifier | None = None  # loaded only by views that score (the analyzer's)
 
 
 class ProfileCache:
@@ -52,11 +57,34 @@ class ProfileCache:
                 if n in wanted and digest == wanted[n].profile_digest}
 
 
+class ClassifierCache:
+    """The fleet's domain classifier, re-read and decoded only when its digest changes."""
+
+    def __init__(self) -> None:
+        self._current: DomainClassifier | None = None
+        self._bad_digest = ""
+
+    async def current(self, kb: KnowledgeBase) -> DomainClassifier | None:
+        digest = await kb.classifier_digest()
+        if not digest:
+            self._current = None
+        elif (self._current is None or self._current.digest != digest) and digest != self._bad_digest:
+            stored = await kb.classifier()
+            if stored is not None:
+                try:
+                    self._current = DomainClassifier.from_bytes(stored[1])
+                except ClassifierError as e:
+                    log.warning("ignoring the stored domain classifier %s: %s", stored[0], e)
+                    self._bad_digest, self._current = stored[0], None
+        return self._current
+
+
 async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
-                    profiles: ProfileCache | None = None) -> FleetView:
+                    profiles: ProfileCache | None = None, classifiers: ClassifierCache | None = None) -> FleetView:
     """Read models, workers and work-stream backlogs in a few pipelined round trips.
 
-    Pass the same ``profiles`` cache on every call so that unchanged profiles are not read again.
+    Pass the same ``profiles`` cache on every call so that unchanged profiles are not read again, and a
+    ``classifiers`` cache when the view will score queries.
     """
     models = await kb.models()
     workers = await kb.workers()
@@ -64,7 +92,8 @@ async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
     alive = {wid: w for wid, w in workers.items() if w.alive(now_ms, worker_timeout_s)}
     queues = await backlogs(kb, names, list(models))
     matrices = await (profiles or ProfileCache()).matrices(kb, models)
-    view = FleetView(workers=alive, refreshed_ms=now_ms)
+    classifier = await classifiers.current(kb) if classifiers is not None else None
+    view = FleetView(workers=alive, refreshed_ms=now_ms, classifier=classifier)
     for name, state in models.items():
         matrix = matrices.get(name)
         if matrix is None:

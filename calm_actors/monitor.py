@@ -23,6 +23,7 @@ from broker.kb import ModelState
 from broker.messages import Embedded, Query, Telemetry
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
+from calm_actors.domain_classifier import classifier_digest, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.meaning import normalise
 from calm_actors.replying import rejection
@@ -46,6 +47,7 @@ class Monitor:
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         self._embeddings: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()
+        self._classifier_digest = ""
 
     def install(self) -> None:
         s = self.settings
@@ -170,8 +172,11 @@ class Monitor:
             digest = profile_digest(state)
             if state.profile_rows <= 0 or state.profile_digest != digest:
                 todo.append((name, state, digest))
-        if not todo:
-            return
+        if todo:
+            await self._profile(todo)
+        await self.refresh_classifier()
+
+    async def _profile(self, todo: list[tuple[str, ModelState, str]]) -> None:
         loop = asyncio.get_running_loop()
         pipe = self.rt.client.pipeline(transaction=False)
         for name, state, digest in todo:
@@ -183,6 +188,40 @@ class Monitor:
         await pipe.execute()
         log.info("profiled models: %s", ", ".join(f"{t[0]} ({t[1].exemplars_digest or 'no'} exemplars)"
                                                   for t in todo))
+
+    async def refresh_classifier(self) -> None:
+        """Train and store the domain classifier when the profiled specialists or their profiles change.
+
+        A model whose profile does not match its card yet is left out until a later round; the analyzer
+        uses the classifier only while it knows every specialist it scores.
+        """
+        models = {n: s for n, s in (await self.rt.kb.models()).items()
+                  if not s.baseline and s.profile_rows > 0 and s.profile_digest == profile_digest(s)}
+        if len(models) < 2:
+            return
+        digest = classifier_digest({n: s.profile_digest for n, s in models.items()})
+        if digest == self._classifier_digest or digest == await self.rt.kb.classifier_digest():
+            self._classifier_digest = digest
+            return
+        profiles = await self.rt.kb.profiles(list(models))
+        examples: dict[str, tuple[list[str], np.ndarray]] = {}
+        for name, state in models.items():
+            exemplars = await self.rt.kb.exemplars(name) if state.exemplars_digest else []
+            texts = profile_texts(name, state.description, state.examples, exemplars)
+            raw = profiles.get(name)
+            if raw is None or len(texts) != state.profile_rows or len(raw) % (4 * len(texts)):
+                return  # written while we read: the next round sees it settled
+            examples[name] = (texts, np.frombuffer(raw, dtype=np.float32).reshape(len(texts), -1))
+        ridge = self.settings.planner.classifier_ridge
+        started = time.perf_counter()
+        classifier = await asyncio.get_running_loop().run_in_executor(self._pool, train, examples, ridge, digest)
+        pipe = self.rt.client.pipeline(transaction=False)
+        self.rt.kb.set_classifier(pipe, digest, classifier.models, classifier.to_bytes(), time.time() * 1000)
+        await pipe.execute()
+        self._classifier_digest = digest
+        log.info("trained the domain classifier on %d texts of %s in %.2f s",
+                 sum(len(t) for t, _ in examples.values()), ", ".join(classifier.models),
+                 time.perf_counter() - started)
 
 
 def profile_digest(state: ModelState) -> str:

@@ -8,6 +8,7 @@ import numpy as np
 
 from broker.config import PlannerSettings
 from broker.messages import Candidate, Query
+from calm_actors.domain_classifier import ClassifierError, DomainClassifier
 from calm_actors.fleetview import FleetView, ModelView
 
 DEFAULT_MS_PER_TOKEN = 5.0  # prior for a model with no telemetry yet (optimistic: it gets tried)
@@ -18,7 +19,7 @@ DEFAULT_ENERGY_PER_TOKEN_J = 0.05
 LEARNED_MIN_SAMPLES = 5
 
 
-MAX_EXEMPLARS = 256  # exemplar prompts per model that join its routing profile
+MAX_EXEMPLARS = 1024  # exemplar prompts per model that join its routing profile
 
 
 def profile_texts(name: str, description: str, examples: Sequence[str], exemplars: Sequence[str]) -> list[str]:
@@ -89,15 +90,37 @@ def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Cand
 def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: PlannerSettings) -> list[Candidate]:
     """A candidate for every routable model whose context can hold the prompt.
 
-    Each candidate's ``fit`` is its share of a softmax over the models' cosine fits at temperature
-    ``planner.fit_temperature`` (0: the raw cosine). Cosines of related specialists differ by a few
-    hundredths, which QoS terms would drown; as shares, the model that fits clearly better keeps the
-    query, and QoS decides between models that fit about equally well.
+    Each candidate's ``fit`` is its share of the semantic fit (see ``blended_fits``): cosines of related
+    specialists differ by a few hundredths, which QoS terms would drown; as shares, the model that fits
+    clearly better keeps the query, and QoS decides between models that fit about equally well.
     """
     models = [m for m in view.models.values() if fits_context(query, m.state.max_context)]
     raw = [semantic_fit(embedding, m.profile, learned_row(m)) for m in models]
-    fits = fit_shares(raw, settings.fit_temperature)
+    fits = blended_fits([m.state.name for m in models], [m.state.baseline for m in models], raw, embedding,
+                        query.prompt, view.classifier, settings)
     return [predict(query, m, fit, view) for m, fit in zip(models, fits, strict=True)]
+
+
+def blended_fits(names: Sequence[str], baseline: Sequence[bool], cosines: Sequence[float], embedding: np.ndarray,
+                 text: str, classifier: DomainClassifier | None, settings: PlannerSettings) -> list[float]:
+    """Fit shares: a softmax over cosine fits, sharpened between specialists by the domain classifier.
+
+    The cosine softmax (``planner.fit_temperature``) splits the fit among all models. When a classifier
+    knows every specialist among them, each specialist's share becomes ``(1 - w)·cosine share + w·p·S``,
+    where ``p`` is the classifier's probability over the specialists, ``S`` their summed cosine share and
+    ``w`` = ``planner.classifier_weight``; baselines keep their cosine share.
+    """
+    shares = fit_shares(list(cosines), settings.fit_temperature)
+    w = settings.classifier_weight
+    specialists = [n for n, b in zip(names, baseline, strict=True) if not b]
+    if classifier is None or w <= 0 or len(specialists) < 2 or not set(specialists) <= set(classifier.models):
+        return shares
+    try:
+        p = classifier.probabilities(embedding, text, specialists, settings.classifier_temperature)
+    except ClassifierError:
+        return shares
+    mass = sum(s for s, b in zip(shares, baseline, strict=True) if not b)
+    return [s if b else (1 - w) * s + w * p[n] * mass for n, b, s in zip(names, baseline, shares, strict=True)]
 
 
 def fit_shares(raw: list[float], temperature: float) -> list[float]:

@@ -98,6 +98,29 @@ def test_recorded_quality_is_reproduced_by_the_exported_model(tiny_fleet: Path) 
 
 
 @pytest.mark.timeout(BUILD_TIMEOUT_S)
+def test_another_exemplar_count_is_written_in_place_without_retraining(tiny_fleet: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from workers.fleet.build import refresh_exemplars
+
+    copy = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet, copy)
+    recipe = PROFILES["tiny"]
+    more = dataclasses.replace(recipe, exemplars_per_model=2 * recipe.exemplars_per_model)
+    assert recipe_hash(more) == recipe_hash(recipe), "exemplars are derived data, not part of the recipe hash"
+    onnx = copy / "models" / "arith" / "model.onnx"
+    before = onnx.stat().st_mtime_ns
+    refresh_exemplars(copy, recipe)  # the count the fleet was built with: nothing to do
+    assert len(load_fleet(copy).exemplars(load_fleet(copy).model("arith"))) == recipe.exemplars_per_model
+    refresh_exemplars(copy, more)
+    fleet = load_fleet(copy)
+    arith = fleet.exemplars(fleet.model("arith"))
+    assert len(arith) == more.exemplars_per_model and len(set(arith)) == len(arith)
+    assert onnx.stat().st_mtime_ns == before
+
+
+@pytest.mark.timeout(BUILD_TIMEOUT_S)
 def test_cache_hit_and_out_copy_import_no_torch(tiny_fleet: Path, tmp_path: Path) -> None:
     cache = tiny_fleet.parent.parent
     if tiny_fleet.parent.name != "fleets":

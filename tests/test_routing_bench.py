@@ -1,4 +1,4 @@
-"""``calm bench routing``: offline routing accuracy on the fleet's held-out prompts, with and without exemplars."""
+"""``calm bench routing``: offline routing accuracy on held-out prompts, by classifier, exemplars and cards."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ pytestmark = pytest.mark.slow
 
 def test_routing_report_counts_every_held_out_prompt(tiny_fleet: Path) -> None:
     report = run(tiny_fleet, limit=120)
-    assert set(report["routing"]) == {"exemplars", "card_only"}
+    assert set(report["routing"]) == {"classifier", "exemplars", "card_only"}
     assert report["fleet"]["exemplars"]["arith"] >= 32
     for variant in report["routing"].values():
         assert set(variant["domains"]) == {"arithmetic", "sorting"}
@@ -28,6 +28,7 @@ def test_routing_report_counts_every_held_out_prompt(tiny_fleet: Path) -> None:
         assert variant["queries"] == 240
     # the two tiny domains look nothing alike: exemplar routing sends (nearly) every prompt home
     assert report["routing"]["exemplars"]["min_domain_accuracy"] >= 0.95
+    assert report["routing"]["classifier"]["min_domain_accuracy"] >= 0.95
 
 
 def test_cli_prints_json(tiny_fleet: Path) -> None:
@@ -36,3 +37,4 @@ def test_cli_prints_json(tiny_fleet: Path) -> None:
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
     assert report["routing"]["exemplars"]["queries"] == 40
+    assert report["routing"]["classifier"]["queries"] == 40

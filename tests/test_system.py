@@ -45,7 +45,11 @@ def test_queries_get_one_complete_reply_from_their_specialist(tiny_fleet: Path, 
                 sent[qid] = domain
         got = collect(client, f"{prefix}replies", set(sent))
         status = calm.status()
+        classifier = client.hgetall(f"{prefix}classifier")
     assert set(got) == set(sent), "every query gets a reply"
+    # the monitor trained the domain classifier over the specialists (the baseline is no class)
+    assert json.loads(classifier[b"models"]) == sorted(_specialist(tiny_fleet, d) for d in ("arithmetic", "sorting"))
+    assert classifier[b"digest"] and len(classifier[b"blob"]) > 0
     assert all(len(v) == 1 for v in got.values()), "exactly one reply per query"
     for qid, domain in sent.items():
         reply = got[qid][0]

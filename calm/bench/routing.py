@@ -1,8 +1,9 @@
 """``calm bench routing``: how often semantic routing sends a held-out prompt to its domain's specialist.
 
-Offline and deterministic: the fleet's own embedder, profiles built from the cards exactly as the monitor
-builds them (``profile_texts``), and the analyzer's ``semantic_fit``. Run twice, side by side: with the
-exemplars the fleet ships and with the cards alone (description and examples), so the gain is visible.
+Offline and deterministic: the fleet's own embedder, profiles and domain classifier built from the cards
+exactly as the monitor builds them, and the analyzer's fit (``blended_fits``). Three variants side by
+side: exemplars + classifier (the default), exemplars with cosine fit only, and the cards alone
+(description and examples), so what each layer adds is visible.
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ from typing import Any
 
 import numpy as np
 
+from broker.config import PlannerSettings
+from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
-from calm_actors.scoring import profile_texts, semantic_fit
+from calm_actors.scoring import blended_fits, profile_texts, semantic_fit
 from workers.fleet.data import read_eval_set
 from workers.fleet.spec import Fleet, load_fleet
 
@@ -48,28 +51,60 @@ def specialists(fleet: Fleet) -> dict[str, str]:
     return {c.name: (c.domains[0] if c.domains else c.name) for c in fleet.models if not c.baseline}
 
 
-def profiles(fleet: Fleet, embedder: SentenceEmbedder, with_exemplars: bool) -> dict[str, np.ndarray]:
-    """Each specialist's routing profile, built as the monitor builds it."""
-    out: dict[str, np.ndarray] = {}
+@dataclass(frozen=True, slots=True)
+class Variant:
+    """One way of routing: which profile texts are used, and whether the domain classifier sharpens fit."""
+
+    exemplars: bool
+    classifier: bool
+
+
+VARIANTS = {
+    "classifier": Variant(exemplars=True, classifier=True),  # what the analyzer does by default
+    "exemplars": Variant(exemplars=True, classifier=False),
+    "card_only": Variant(exemplars=False, classifier=False),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Router:
+    """Each specialist's routing profile (built as the monitor builds it) and, maybe, the classifier."""
+
+    profiles: dict[str, np.ndarray]
+    classifier: DomainClassifier | None
+
+    def route(self, embeddings: np.ndarray, prompts: Sequence[str], settings: PlannerSettings) -> list[str]:
+        """The best-fitting model for each embedded prompt, by the analyzer's blended fit."""
+        names = list(self.profiles)
+        out = []
+        for embedding, prompt in zip(embeddings, prompts, strict=True):
+            cosines = [semantic_fit(embedding, self.profiles[n]) for n in names]
+            fits = blended_fits(names, [False] * len(names), cosines, embedding, prompt, self.classifier, settings)
+            out.append(names[int(np.argmax(fits))])
+        return out
+
+
+def build_router(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, settings: PlannerSettings) -> Router:
+    """Profiles (and the classifier) from the fleet's cards, exactly as the monitor builds them."""
+    texts: dict[str, list[str]] = {}
     for card in fleet.models:
         if card.baseline:
             continue
-        exemplars = fleet.exemplars(card) if with_exemplars else ()
-        out[card.name] = embedder.embed(profile_texts(card.name, card.description, card.examples, exemplars))
-    return out
+        exemplars = fleet.exemplars(card) if variant.exemplars else ()
+        texts[card.name] = profile_texts(card.name, card.description, card.examples, exemplars)
+    profiles = {name: embedder.embed(t) for name, t in texts.items()}
+    classifier = None
+    if variant.classifier and len(profiles) >= 2:
+        examples = {name: (texts[name], profiles[name]) for name in profiles}
+        classifier = train(examples, settings.classifier_ridge, digest="bench")
+    return Router(profiles, classifier)
 
 
-def route(embeddings: np.ndarray, profile: dict[str, np.ndarray]) -> list[str]:
-    """The best-fitting model for each embedded query."""
-    names = list(profile)
-    return [names[int(np.argmax([semantic_fit(e, profile[n]) for n in names]))] for e in embeddings]
-
-
-def evaluate(fleet: Fleet, embedder: SentenceEmbedder, with_exemplars: bool,
+def evaluate(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, settings: PlannerSettings,
              limit: int | None = None) -> dict[str, DomainResult]:
     """Route every held-out prompt of every domain that has a specialist; count where each went."""
     domain_of = specialists(fleet)
-    profile = profiles(fleet, embedder, with_exemplars)
+    router = build_router(fleet, embedder, variant, settings)
     results: dict[str, DomainResult] = {}
     for domain, path in sorted(fleet.eval_sets.items()):
         if domain not in domain_of.values():
@@ -78,7 +113,7 @@ def evaluate(fleet: Fleet, embedder: SentenceEmbedder, with_exemplars: bool,
         result = results.setdefault(domain, DomainResult())
         for start in range(0, len(prompts), BATCH):
             batch = prompts[start:start + BATCH]
-            for prompt, model in zip(batch, route(embedder.embed(batch), profile), strict=True):
+            for prompt, model in zip(batch, router.route(embedder.embed(batch), batch, settings), strict=True):
                 result.queries += 1
                 result.routed[model] += 1
                 if domain_of[model] == domain:
@@ -96,21 +131,21 @@ def summary(results: dict[str, DomainResult], keep_misrouted: int = 5) -> dict[s
             "domains": {d: r.to_json(keep_misrouted) for d, r in results.items()}}
 
 
-def run(fleet_dir: Path, limit: int | None = None) -> dict[str, Any]:
-    """Both variants on one fleet: ``{"routing": {"exemplars": SUMMARY, "card_only": SUMMARY}, "fleet": …}``."""
+def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | None = None) -> dict[str, Any]:
+    """Every variant on one fleet: ``{"routing": {VARIANT: SUMMARY, …}, "fleet": …}``."""
+    settings = settings or PlannerSettings()
     fleet = load_fleet(fleet_dir)
     embedder = SentenceEmbedder(embedder_dir(fleet.root))
-    variants = {"exemplars": True, "card_only": False}
-    routing = {name: summary(evaluate(fleet, embedder, flag, limit)) for name, flag in variants.items()}
+    routing = {name: summary(evaluate(fleet, embedder, v, settings, limit)) for name, v in VARIANTS.items()}
     exemplar_counts = {c.name: len(fleet.exemplars(c)) for c in fleet.models if not c.baseline}
     return {"routing": routing, "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
 
 
-def print_table(report: dict[str, Any], names: Sequence[str] = ("exemplars", "card_only")) -> None:
+def print_table(report: dict[str, Any], names: Sequence[str] = tuple(VARIANTS)) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="routing accuracy on held-out prompts (semantic fit only)")
+    table = Table(title="routing accuracy on held-out prompts (semantic fit only, no QoS)")
     table.add_column("domain")
     for name in names:
         table.add_column(name.replace("_", " "), justify="right")
@@ -130,7 +165,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     from calm.fleets import fleet_dir
 
     settings = settings_from(args)
-    report = run(fleet_dir(settings, profile=args.profile), limit=args.limit)
+    report = run(fleet_dir(settings, profile=args.profile), settings.planner, limit=args.limit)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -66,10 +66,12 @@ def build_fleet(
             if not _complete(entry):  # another process may have built it while we waited
                 _build_and_publish(recipe, entry, progress, workers)
         load_fleet(entry)
+    refresh_exemplars(entry, recipe)
     if out is None:
         return entry
     out = Path(out).expanduser().resolve()
     if _complete(out) and load_fleet(out).recipe_hash == recipe_hash(recipe):
+        refresh_exemplars(out, recipe)
         return out
     if out.exists() and any(out.iterdir()):
         raise FleetError(f"{out}: exists and is not this fleet; choose an empty or new directory")
@@ -140,7 +142,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     shutil.rmtree(root / "tokenizers", ignore_errors=True)
     shutil.rmtree(root / "checkpoints", ignore_errors=True)
     for job in jobs:
-        write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data)
+        write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data, recipe.exemplars_per_model)
+    _exemplars_stamp(root).write_text(_exemplars_key(recipe))
     cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
     for o in outcomes.values():
         log.info(
@@ -191,10 +194,34 @@ def _card(job: ModelJob, outcome: ModelOutcome, digest: str) -> ModelCard:
 
 
 EXEMPLARS_FILE = "exemplars.jsonl"
-EXEMPLARS_PER_MODEL = 64
+EXEMPLARS_STAMP = ".exemplars"
 
 
-def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int = EXEMPLARS_PER_MODEL) -> Path:
+def _exemplars_stamp(root: Path) -> Path:
+    return root / EXEMPLARS_STAMP
+
+
+def _exemplars_key(recipe: FleetRecipe) -> str:
+    return f"{recipe.exemplars_per_model}:{EXEMPLAR_SEED}"
+
+
+def refresh_exemplars(root: Path, recipe: FleetRecipe) -> None:
+    """Rewrite a built fleet's exemplar files when the recipe asks for another count (no retraining)."""
+    if _exemplars_stamp(root).is_file() and _exemplars_stamp(root).read_text() == _exemplars_key(recipe):
+        return
+    with _locked(root.parent / f".{root.name}.lock"):
+        if _exemplars_stamp(root).is_file() and _exemplars_stamp(root).read_text() == _exemplars_key(recipe):
+            return  # another process refreshed them while we waited
+        for m in recipe.models:
+            target = root / "models" / m.name / EXEMPLARS_FILE
+            tmp = target.with_suffix(".tmp")
+            write_exemplars(tmp, m.domains, recipe.data, recipe.exemplars_per_model)
+            tmp.replace(target)
+        _exemplars_stamp(root).write_text(_exemplars_key(recipe))
+    log.info("wrote %d exemplars per model into %s", recipe.exemplars_per_model, root)
+
+
+def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int) -> Path:
     """Write ``n`` training-split prompts, spread over ``domains``, as JSON lines ``{"prompt"}``."""
     path.parent.mkdir(parents=True, exist_ok=True)
     share = max(1, n // max(1, len(domains)))

@@ -80,6 +80,9 @@ class FleetRecipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     embedder_int8: bool = True
     with_embedder: bool = True
+    # Training-split prompts each model ships for routing. Derived data, not part of the trained
+    # artefact: left out of the recipe hash and refreshed in place in a cached fleet when it changes.
+    exemplars_per_model: int = 64
 
     @property
     def domains(self) -> tuple[str, ...]:
@@ -104,12 +107,15 @@ class FleetRecipe:
         return dataclasses.replace(self, models=tuple(m.scaled(steps_scale) for m in self.models))
 
 
+DERIVED_FIELDS = frozenset({"exemplars_per_model"})  # recipe fields that do not change what is trained
+
+
 def canonical_json(recipe: FleetRecipe) -> str:
     """The recipe as sorted, compact JSON, with the builder and Python versions."""
     doc = {
         "builder_version": BUILDER_VERSION,
         "python": f"{sys.version_info.major}.{sys.version_info.minor}",
-        "recipe": dataclasses.asdict(recipe),
+        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k not in DERIVED_FIELDS},
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 
