@@ -7,7 +7,7 @@ description, examples, exemplars) separates them far better, the more so with su
 embedder cannot see: hashed character n-grams (indentation, punctuation, identifiers) and line layout.
 
 Training is a class-balanced, one-vs-rest ridge regression solved in its dual form (rows ≪ features):
-deterministic, closed form, well under a second for thousands of rows. The monitor trains it whenever a
+deterministic, closed form, seconds for a few thousand rows. The monitor trains it whenever a
 specialist's profile changes and stores it in the KB; the analyzer reads it when its digest changes.
 A model with only a card (description and a few examples) is a class like any other: no retraining of
 any model, just of this layer, automatically.
@@ -16,7 +16,6 @@ any model, just of this layer, automatically.
 from __future__ import annotations
 
 import hashlib
-import zlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
@@ -36,14 +35,26 @@ class ClassifierError(ValueError):
     """A stored classifier cannot be decoded or does not match the embedding size."""
 
 
+_HASH_STEP = np.uint32(0x01000193)  # FNV prime: the rolling hash's multiplier
+_HASH_MIX = np.uint32(0x9E3779B1)  # Fibonacci hashing spreads the rolling hash over the buckets
+_BUCKET_SHIFT = np.uint32(32 - (NGRAM_BUCKETS.bit_length() - 1))
+
+
 def ngram_features(text: str) -> np.ndarray:
-    """Hashed byte n-gram counts (sizes ``NGRAM_SIZES``), log-scaled and L2-normalised."""
-    data = text.encode("utf-8", "replace")[:MAX_FEATURE_BYTES]
+    """Hashed byte n-gram counts (sizes ``NGRAM_SIZES``), log-scaled and L2-normalised.
+
+    Vectorised: the hash of each n-gram is built from the (n-1)-gram's, in wrapping uint32 arithmetic.
+    """
+    data = np.frombuffer(text.encode("utf-8", "replace")[:MAX_FEATURE_BYTES], dtype=np.uint8).astype(np.uint32)
     counts = np.zeros(NGRAM_BUCKETS, dtype=np.float32)
-    mask = NGRAM_BUCKETS - 1
-    buckets = [zlib.crc32(data[i:i + n]) & mask for n in NGRAM_SIZES for i in range(len(data) - n + 1)]
-    if buckets:
-        np.add.at(counts, np.asarray(buckets, dtype=np.int64), 1.0)
+    rolling = np.zeros(0, dtype=np.uint32)
+    with np.errstate(over="ignore"):
+        for n in range(1, max(NGRAM_SIZES) + 1):
+            if data.shape[0] < n:
+                break
+            rolling = data[n - 1:] + np.uint32(n) if n == 1 else rolling[:-1] * _HASH_STEP + data[n - 1:]
+            if n in NGRAM_SIZES:
+                counts += np.bincount((rolling * _HASH_MIX) >> _BUCKET_SHIFT, minlength=NGRAM_BUCKETS)
     np.log1p(counts, out=counts)
     norm = float(np.linalg.norm(counts))
     return counts / norm if norm > 0 else counts
@@ -61,9 +72,13 @@ def layout_features(text: str) -> np.ndarray:
         out[min(indent, MAX_INDENT)] += 1
         out[MAX_INDENT + 1 + indent % 4] += 1
     out[: MAX_INDENT + 5] /= len(lines)
-    size = max(1, len(text))
-    out[-3] = sum(1 for c in text if not c.isalnum() and not c.isspace()) / size
-    out[-2] = sum(1 for c in text if c.isupper()) / size
+    chars = np.frombuffer(text.encode("utf-8", "replace"), dtype=np.uint8)
+    size = max(1, chars.shape[0])
+    upper = (chars >= 65) & (chars <= 90)
+    alnum = upper | ((chars >= 97) & (chars <= 122)) | ((chars >= 48) & (chars <= 57)) | (chars >= 128)
+    space = (chars == 32) | (chars == 9) | (chars == 10) | (chars == 13)
+    out[-3] = float(np.count_nonzero(~alnum & ~space)) / size
+    out[-2] = float(np.count_nonzero(upper)) / size
     out[-1] = min(4.0, sum(len(line) for line in lines) / len(lines) / 80)
     return out
 
@@ -77,8 +92,12 @@ def features(embeddings: np.ndarray, texts: Sequence[str]) -> np.ndarray:
     """Rows of [embedding, surface features] for texts whose embeddings are given row by row."""
     if embeddings.shape[0] != len(texts):
         raise ValueError(f"{embeddings.shape[0]} embeddings for {len(texts)} texts")
-    surface = np.stack([text_features(t) for t in texts]) if texts else np.zeros((0, TEXT_DIM), np.float32)
-    return np.hstack([embeddings.astype(np.float32), surface])
+    dim = embeddings.shape[1]
+    out = np.empty((len(texts), dim + TEXT_DIM), dtype=np.float32)
+    out[:, :dim] = embeddings
+    for i, text in enumerate(texts):
+        out[i, dim:] = text_features(text)
+    return out
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,7 +176,9 @@ def train(examples: Mapping[str, tuple[Sequence[str], np.ndarray]], ridge: float
     weight = (len(labels) / (len(models) * counts))[labels]
     targets = -np.ones((len(labels), len(models)))
     targets[np.arange(len(labels)), labels] = 1.0
-    gram = weight[:, None] * (x @ x.T).astype(np.float64)
-    dual = np.linalg.solve(gram + ridge * np.eye(len(labels)), weight[:, None] * targets)
-    weights = (x.T @ dual.astype(np.float32)).astype(np.float32)
+    weight = weight.astype(np.float32)
+    gram = weight[:, None] * (x @ x.T)  # float32 throughout: the ridge keeps the system well conditioned
+    gram[np.diag_indices_from(gram)] += ridge
+    dual = np.linalg.solve(gram, weight[:, None] * targets.astype(np.float32))
+    weights = (x.T @ dual).astype(np.float32)
     return DomainClassifier(models=models, weights=weights, digest=digest)
