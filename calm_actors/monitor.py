@@ -26,6 +26,7 @@ from broker.runtime import ProcessRuntime
 from calm_actors.domain_classifier import classifier_digest, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.meaning import normalise
+from calm_actors.profile_cache import ProfileDiskCache
 from calm_actors.replying import rejection
 from calm_actors.scoring import profile_texts
 
@@ -48,6 +49,8 @@ class Monitor:
         self._embeddings: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()
         self._classifier_digest = ""
+        self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
+                                               self.embedder.identity)
 
     def install(self) -> None:
         s = self.settings
@@ -177,17 +180,24 @@ class Monitor:
         await self.refresh_classifier()
 
     async def _profile(self, todo: list[tuple[str, ModelState, str]]) -> None:
+        """Embed (or read back from the disk cache) each profile and publish it as soon as it is ready."""
         loop = asyncio.get_running_loop()
-        pipe = self.rt.client.pipeline(transaction=False)
         for name, state, digest in todo:
+            started = time.perf_counter()
             exemplars = await self.rt.kb.exemplars(name) if state.exemplars_digest else []
             texts = profile_texts(name, state.description, state.examples, exemplars)
-            matrix = await loop.run_in_executor(self._pool, self.embedder.embed, texts)
+            matrix = await loop.run_in_executor(self._pool, self._profile_cache.get, texts)
+            source = "cache"
+            if matrix is None:
+                matrix = await loop.run_in_executor(self._pool, self.embedder.embed, texts)
+                await loop.run_in_executor(self._pool, self._profile_cache.put, texts, matrix)
+                source = "embedded"
+            pipe = self.rt.client.pipeline(transaction=False)
             self.rt.kb.set_profile(pipe, name, np.ascontiguousarray(matrix, dtype=np.float32).tobytes(),
                                    len(texts), digest)
-        await pipe.execute()
-        log.info("profiled models: %s", ", ".join(f"{t[0]} ({t[1].exemplars_digest or 'no'} exemplars)"
-                                                  for t in todo))
+            await pipe.execute()
+            log.info("profiled %s: %d texts (%s exemplars), %s in %.1f s", name, len(texts),
+                     state.exemplars_digest or "no", source, time.perf_counter() - started)
 
     async def refresh_classifier(self) -> None:
         """Train and store the domain classifier when the profiled specialists or their profiles change.
