@@ -25,6 +25,7 @@ class ModelView:
     servable_on: tuple[str, ...]
     loaded_on: tuple[str, ...]
     backlog: int  # entries waiting or in flight on the model's work stream
+    profile_sum: np.ndarray | None = None  # the profile rows' sum (its centroid's direction), computed once
 
 
 @dataclass(slots=True)
@@ -41,19 +42,21 @@ class ProfileCache:
     """Routing profiles by model, re-read from the KB only when a model's profile digest changes."""
 
     def __init__(self) -> None:
-        self._matrices: dict[str, tuple[str, np.ndarray]] = {}
+        self._matrices: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
 
-    async def matrices(self, kb: KnowledgeBase, states: dict[str, ModelState]) -> dict[str, np.ndarray]:
+    async def matrices(self, kb: KnowledgeBase,
+                       states: dict[str, ModelState]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Each profiled model's (profile rows, their sum)."""
         wanted = {n: s for n, s in states.items() if s.profile_rows > 0 and s.profile_digest}
-        stale = [n for n, s in wanted.items() if self._matrices.get(n, ("", None))[0] != s.profile_digest]
+        stale = [n for n, s in wanted.items() if n not in self._matrices or self._matrices[n][0] != s.profile_digest]
         for name, raw in (await kb.profiles(stale)).items():
             rows = wanted[name].profile_rows
             if len(raw) % (4 * rows) == 0:
-                self._matrices[name] = (wanted[name].profile_digest,
-                                        np.frombuffer(raw, dtype=np.float32).reshape(rows, -1))
+                matrix = np.frombuffer(raw, dtype=np.float32).reshape(rows, -1)
+                self._matrices[name] = (wanted[name].profile_digest, matrix, matrix.sum(axis=0))
         for name in set(self._matrices) - set(wanted):
             del self._matrices[name]
-        return {n: m for n, (digest, m) in self._matrices.items()
+        return {n: (m, total) for n, (digest, m, total) in self._matrices.items()
                 if n in wanted and digest == wanted[n].profile_digest}
 
 
@@ -95,14 +98,14 @@ async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
     classifier = await classifiers.current(kb) if classifiers is not None else None
     view = FleetView(workers=alive, refreshed_ms=now_ms, classifier=classifier)
     for name, state in models.items():
-        matrix = matrices.get(name)
-        if matrix is None:
+        profile = matrices.get(name)
+        if profile is None:
             continue
         servable = tuple(w for w, ws in alive.items() if name in ws.models_servable)
         if not servable:
             continue
         loaded = tuple(w for w in state.loaded_on if w in alive)
-        view.models[name] = ModelView(state, matrix, servable, loaded, queues.get(name, 0))
+        view.models[name] = ModelView(state, profile[0], servable, loaded, queues.get(name, 0), profile[1])
     return view
 
 

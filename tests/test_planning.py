@@ -189,6 +189,19 @@ def test_semantic_fit_on_unit_vectors() -> None:
     assert semantic_fit(e1, rows) == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_learned_row_and_a_precomputed_sum_change_nothing_but_the_cost() -> None:
+    rng = np.random.default_rng(3)
+    for rows in (1, 2, 3, 40):
+        profile = rng.normal(size=(rows, 8)).astype(np.float32)
+        profile /= np.linalg.norm(profile, axis=1, keepdims=True)
+        query = _unit(*rng.normal(size=8))
+        for learned in (_unit(*profile[0] + query), _unit(*-query)):  # near the query, and far from it
+            joined = semantic_fit(query, np.vstack([profile, learned[None, :]]))
+            assert semantic_fit(query, profile, learned) == pytest.approx(joined, abs=1e-5)
+            assert semantic_fit(query, profile, learned, profile.sum(axis=0)) == pytest.approx(joined, abs=1e-5)
+        assert semantic_fit(query, profile, None, profile.sum(axis=0)) == pytest.approx(semantic_fit(query, profile))
+
+
 def test_exemplars_near_the_query_outweigh_a_distant_description() -> None:
     query = _unit(1, 0.1, 0)
     with_exemplars = np.stack([_unit(0, 0, 1), _unit(1, 0, 0), _unit(1, 0.2, 0), _unit(0.9, 0, 0.1)])
