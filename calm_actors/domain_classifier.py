@@ -161,8 +161,10 @@ def classifier_digest(profile_digests: Mapping[str, str]) -> str:
 def train(examples: Mapping[str, tuple[Sequence[str], np.ndarray]], ridge: float, digest: str) -> DomainClassifier:
     """Fit the classifier on each model's (texts, embeddings); at least two models are needed.
 
-    Class-balanced ridge regression to ±1 targets, solved in the dual:
-    ``W = Xᵀ (D X Xᵀ + λI)⁻¹ D Y`` with D the per-row class weights.
+    Class-balanced ridge regression to ±1 targets: with D the per-row class weights, the weights are
+    ``(Xᵀ D X + λI)⁻¹ Xᵀ D Y`` = ``Xᵀ (D X Xᵀ + λI)⁻¹ D Y``. The dual (rows × rows) is solved while there
+    are fewer rows than features, the primal (features × features) beyond, so memory and time stay
+    bounded however many models and exemplars the fleet has.
     """
     models = tuple(sorted(examples))
     if len(models) < 2:
@@ -173,12 +175,25 @@ def train(examples: Mapping[str, tuple[Sequence[str], np.ndarray]], ridge: float
     counts = np.bincount(labels, minlength=len(models)).astype(np.float64)
     if (counts == 0).any():
         raise ValueError("every model needs at least one profile text")
-    weight = (len(labels) / (len(models) * counts))[labels]
-    targets = -np.ones((len(labels), len(models)))
+    weight = (len(labels) / (len(models) * counts))[labels].astype(np.float32)
+    targets = -np.ones((len(labels), len(models)), dtype=np.float32)
     targets[np.arange(len(labels)), labels] = 1.0
-    weight = weight.astype(np.float32)
-    gram = weight[:, None] * (x @ x.T)  # float32 throughout: the ridge keeps the system well conditioned
-    gram[np.diag_indices_from(gram)] += ridge
-    dual = np.linalg.solve(gram, weight[:, None] * targets.astype(np.float32))
-    weights = (x.T @ dual).astype(np.float32)
-    return DomainClassifier(models=models, weights=weights, digest=digest)
+    weights = ridge_solve(x, weight, targets, ridge)
+    return DomainClassifier(models=models, weights=weights.astype(np.float32), digest=digest)
+
+
+def ridge_solve(x: np.ndarray, weight: np.ndarray, targets: np.ndarray, ridge: float,
+                form: str = "auto") -> np.ndarray:
+    """Weighted ridge weights, by the dual (``form="dual"``), the primal, or whichever system is smaller.
+
+    float32 throughout: the ridge keeps either system well conditioned.
+    """
+    rows, dims = x.shape
+    if form == "dual" or (form == "auto" and rows <= dims):
+        gram = weight[:, None] * (x @ x.T)
+        gram[np.diag_indices_from(gram)] += ridge
+        return np.asarray(x.T @ np.linalg.solve(gram, weight[:, None] * targets))
+    weighted = x * weight[:, None]
+    cov = x.T @ weighted
+    cov[np.diag_indices_from(cov)] += ridge
+    return np.asarray(np.linalg.solve(cov, weighted.T @ targets))

@@ -13,6 +13,7 @@ from calm_actors.domain_classifier import (
     classifier_digest,
     layout_features,
     ngram_features,
+    ridge_solve,
     text_features,
     train,
 )
@@ -110,3 +111,17 @@ def test_blend_moves_specialists_and_leaves_baselines_alone() -> None:
     # a specialist the classifier does not know: cosine shares only
     unknown = blended_fits(["code", "math"], [False, False], [0.4, 0.5], emb, text, clf, settings)
     assert unknown == blended_fits(["code", "math"], [False, False], [0.4, 0.5], emb, text, None, settings)
+
+
+def test_primal_and_dual_solutions_agree() -> None:
+    """More rows than features switches to the primal system: the same weights, a smaller system."""
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(60, 12)).astype(np.float32)
+    weight = rng.uniform(0.5, 2.0, size=60).astype(np.float32)
+    targets = np.where(rng.random((60, 3)) < 0.3, 1.0, -1.0).astype(np.float32)
+    dual = ridge_solve(x, weight, targets, 0.5, form="dual")
+    primal = ridge_solve(x, weight, targets, 0.5, form="primal")
+    np.testing.assert_allclose(primal, dual, rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(ridge_solve(x, weight, targets, 0.5), primal)  # auto: rows > features
+    np.testing.assert_allclose(ridge_solve(x[:8], weight[:8], targets[:8], 0.5),
+                               ridge_solve(x[:8], weight[:8], targets[:8], 0.5, form="dual"))
