@@ -99,11 +99,16 @@ def _num(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: float = 60.0) -> None:
-    """Wait until ``workers`` workers are registered and every model they serve has its routing profile."""
+async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: float = 120.0) -> None:
+    """Wait until ``workers`` workers are registered and every model they serve has its routing profile.
+
+    ``timeout_s`` bounds the wait without progress: each worker that registers and each model that gets
+    its profile restarts it (embedding a profile of 1,000 exemplars takes tens of seconds on a busy core).
+    """
     redis = client(url, settings.redis)
     kb = KnowledgeBase(redis, Names(settings.redis.prefix))
     deadline = time.monotonic() + timeout_s
+    progress = -1
     try:
         while True:
             registered = await kb.workers()
@@ -112,9 +117,12 @@ async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: f
             unprofiled = sorted(m for m in servable if m not in models or models[m].profile_rows <= 0)
             if len(registered) >= workers and not unprofiled:
                 return
+            done = len(registered) + len(servable) - len(unprofiled)
+            if done > progress:
+                progress, deadline = done, time.monotonic() + timeout_s
             if time.monotonic() > deadline:
-                raise TimeoutError(f"models not routable after {timeout_s:.0f}s: {len(registered)}/{workers} "
-                                   f"workers, unprofiled {unprofiled}")
+                raise TimeoutError(f"models not routable: no progress for {timeout_s:.0f}s: {len(registered)}/"
+                                   f"{workers} workers, unprofiled {unprofiled}")
             await asyncio.sleep(0.1)
     finally:
         await redis.aclose()
