@@ -12,6 +12,7 @@ import numpy as np
 from broker.kb import KnowledgeBase, ModelState, WorkerState
 from broker.names import Names
 from calm_actors.domain_classifier import ClassifierError, DomainClassifier
+from calm_actors.similarity import StackedProfiles
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +37,7 @@ class FleetView:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     refreshed_ms: float = 0.0
     classifier: DomainClassifier | None = None  # loaded only by views that score (the analyzer's)
+    stacked: StackedProfiles | None = None  # every profile in one matrix, rebuilt when a profile changes
 
 
 class ProfileCache:
@@ -43,6 +45,14 @@ class ProfileCache:
 
     def __init__(self) -> None:
         self._matrices: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+        self._stacked: tuple[tuple[tuple[str, str], ...], StackedProfiles] | None = None
+
+    def stacked(self) -> StackedProfiles:
+        """All cached profiles in one matrix (rebuilt only when the set of profiles has changed)."""
+        key = tuple(sorted((n, d) for n, (d, _, _) in self._matrices.items()))
+        if self._stacked is None or self._stacked[0] != key:
+            self._stacked = (key, StackedProfiles({n: (m, t) for n, (_, m, t) in sorted(self._matrices.items())}))
+        return self._stacked[1]
 
     async def matrices(self, kb: KnowledgeBase,
                        states: dict[str, ModelState]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -94,9 +104,10 @@ async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
     now_ms = time.time() * 1000
     alive = {wid: w for wid, w in workers.items() if w.alive(now_ms, worker_timeout_s)}
     queues = await backlogs(kb, names, list(models))
-    matrices = await (profiles or ProfileCache()).matrices(kb, models)
+    profiles = profiles or ProfileCache()
+    matrices = await profiles.matrices(kb, models)
     classifier = await classifiers.current(kb) if classifiers is not None else None
-    view = FleetView(workers=alive, refreshed_ms=now_ms, classifier=classifier)
+    view = FleetView(workers=alive, refreshed_ms=now_ms, classifier=classifier, stacked=profiles.stacked())
     for name, state in models.items():
         profile = matrices.get(name)
         if profile is None:

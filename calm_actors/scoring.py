@@ -10,6 +10,7 @@ from broker.config import PlannerSettings
 from broker.messages import Candidate, Query
 from calm_actors.domain_classifier import ClassifierError, DomainClassifier
 from calm_actors.fleetview import FleetView, ModelView
+from calm_actors.similarity import semantic_fit
 
 DEFAULT_MS_PER_TOKEN = 5.0  # prior for a model with no telemetry yet (optimistic: it gets tried)
 DEFAULT_LOAD_S = 1.0
@@ -25,34 +26,6 @@ MAX_EXEMPLARS = 1024  # exemplar prompts per model that join its routing profile
 def profile_texts(name: str, description: str, examples: Sequence[str], exemplars: Sequence[str]) -> list[str]:
     """The texts a model's routing profile embeds: description (or name), card examples, exemplars."""
     return [description or name, *examples, *exemplars[:MAX_EXEMPLARS]]
-
-
-NEIGHBOURS = 3  # profile rows averaged for the nearest-neighbour part of the fit
-CENTROID_WEIGHT = 0.3  # the rest goes to the nearest neighbours
-
-
-def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None,
-                 profile_sum: np.ndarray | None = None) -> float:
-    """Cosine fit of a query to a model: mostly its ``NEIGHBOURS`` nearest profile rows, partly the centroid.
-
-    The profile holds the card's description and examples plus the exemplars its fleet ships (prompts
-    from the model's training data). ``learned`` (the centroid of queries the model served well) joins it
-    as one more row. ``profile_sum`` (the rows' sum, precomputed by the fleet view) saves a pass over the
-    profile; the cosine to the centroid is the cosine to the sum.
-    """
-    sims = profile @ embedding
-    total = profile.sum(axis=0) if profile_sum is None else profile_sum
-    k = min(NEIGHBOURS, sims.shape[0])
-    nearest = np.partition(sims, sims.shape[0] - k)[-k:]
-    if learned is not None:
-        total = total + learned
-        learned_sim = float(learned @ embedding)
-        if k < NEIGHBOURS:
-            nearest = np.append(nearest, learned_sim)
-        elif learned_sim > nearest.min():
-            nearest[nearest.argmin()] = learned_sim
-    norm = float(np.linalg.norm(total)) or 1.0
-    return float(CENTROID_WEIGHT * (total @ embedding) / norm + (1 - CENTROID_WEIGHT) * nearest.mean())
 
 
 def learned_row(model: ModelView) -> np.ndarray | None:
@@ -103,7 +76,13 @@ def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: Pl
     clearly better keeps the query, and QoS decides between models that fit about equally well.
     """
     models = [m for m in view.models.values() if fits_context(query, m.state.max_context)]
-    raw = [semantic_fit(embedding, m.profile, learned_row(m), m.profile_sum) for m in models]
+    stacked = view.stacked
+    if stacked is not None and all(m.state.name in stacked.index for m in models):
+        learned = {m.state.name: row for m in models if (row := learned_row(m)) is not None}
+        every = stacked.fits(embedding, learned)
+        raw = [every[m.state.name] for m in models]
+    else:
+        raw = [semantic_fit(embedding, m.profile, learned_row(m), m.profile_sum) for m in models]
     fits = blended_fits([m.state.name for m in models], [m.state.baseline for m in models], raw, embedding,
                         query.prompt, view.classifier, settings)
     return [predict(query, m, fit, view) for m, fit in zip(models, fits, strict=True)]

@@ -14,13 +14,12 @@ from broker.messages import Candidate, Query
 from calm_actors.fleetview import FleetView, ModelView
 from calm_actors.planning import Routable, UtilityStrategy, make_strategy, meets_slo, slo_shortfall, utility
 from calm_actors.scoring import (
-    CENTROID_WEIGHT,
     DEFAULT_ENERGY_PER_TOKEN_J,
     DEFAULT_LOAD_S,
     DEFAULT_MS_PER_TOKEN,
     predict,
-    semantic_fit,
 )
+from calm_actors.similarity import CENTROID_WEIGHT, StackedProfiles, semantic_fit
 
 W = PlannerSettings()
 
@@ -200,6 +199,22 @@ def test_the_learned_row_and_a_precomputed_sum_change_nothing_but_the_cost() -> 
             assert semantic_fit(query, profile, learned) == pytest.approx(joined, abs=1e-5)
             assert semantic_fit(query, profile, learned, profile.sum(axis=0)) == pytest.approx(joined, abs=1e-5)
         assert semantic_fit(query, profile, None, profile.sum(axis=0)) == pytest.approx(semantic_fit(query, profile))
+
+
+def test_stacked_profiles_score_every_model_as_semantic_fit_does() -> None:
+    rng = np.random.default_rng(5)
+    profiles = {}
+    for name, rows in (("a", 1), ("b", 2), ("c", 40)):
+        m = rng.normal(size=(rows, 8)).astype(np.float32)
+        m /= np.linalg.norm(m, axis=1, keepdims=True)
+        profiles[name] = (m, m.sum(axis=0))
+    stacked = StackedProfiles(profiles)
+    query = _unit(*rng.normal(size=8))
+    learned = {"b": _unit(*rng.normal(size=8)), "c": _unit(*profiles["c"][0][0] + query)}
+    fits = stacked.fits(query, learned)
+    for name, (matrix, _) in profiles.items():
+        assert fits[name] == pytest.approx(semantic_fit(query, matrix, learned.get(name)), abs=1e-5), name
+    assert StackedProfiles({}).fits(query, {}) == {}
 
 
 def test_exemplars_near_the_query_outweigh_a_distant_description() -> None:

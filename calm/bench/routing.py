@@ -21,7 +21,8 @@ import numpy as np
 from broker.config import PlannerSettings
 from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
-from calm_actors.scoring import blended_fits, profile_texts, semantic_fit
+from calm_actors.scoring import blended_fits, profile_texts
+from calm_actors.similarity import semantic_fit
 from workers.fleet.data import read_eval_set
 from workers.fleet.spec import Fleet, load_fleet
 
