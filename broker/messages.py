@@ -36,7 +36,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     """One model's scores for one query, as the analyzer computed them."""
 
     model: str
-    fit: float  # semantic fit: cosine of query and model profile, 0..1
+    fit: float  # semantic fit share, 0..1: cosine softmax, sharpened between specialists by the classifier
     latency_ms: float  # predicted end-to-end latency including queue and cold load
     energy_j: float  # predicted energy for this query
     quality: float  # predicted quality/confidence 0..1
@@ -46,6 +46,7 @@ class Candidate(msgspec.Struct, frozen=True, kw_only=True):
     load_ms: float = 0.0  # the cold-load part of latency_ms (0 when loaded)
     age_s: float = 1e9  # seconds since the model's last telemetry sample
     requests: int = 0
+    cosine: float = 0.0  # the raw cosine fit to the model's profile that ``fit`` was derived from
 
 
 class Decision(msgspec.Struct, frozen=True, kw_only=True):

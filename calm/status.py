@@ -90,8 +90,9 @@ def print_status(settings: Settings, url: str, as_json: bool, decisions: int) ->
         console.print(f"[bold]{d['id']}[/] → {d['model']} ({d['reason']}; "
                       f"utility {d['utility']}, domain {d['domain']})")
         for c in d["candidates"]:
-            console.print(f"    {c['model']:<12} fit={c['fit']:.3f} lat={c['latency_ms']:.1f}ms "
-                          f"E={c['energy_j']:.4f}J q={c['quality']:.3f} loaded={c['loaded']} u={c['utility']:.3f}")
+            console.print(f"    {c['model']:<12} fit={c['fit']:.3f} (cosine {c.get('cosine', 0.0):.3f}) "
+                          f"lat={c['latency_ms']:.1f}ms E={c['energy_j']:.4f}J q={c['quality']:.3f} "
+                          f"loaded={c['loaded']} u={c['utility']:.3f}")
     return 0
 
 

@@ -113,9 +113,10 @@ class Planner:
     def _explain(self, planned: Planned, scored: Scored) -> dict[str, str]:
         decision: Decision = planned.decision
         rows = [
-            {"model": c.model, "fit": round(c.fit, 4), "latency_ms": round(c.latency_ms, 2),
-             "energy_j": round(c.energy_j, 4), "quality": round(c.quality, 4), "error_rate": round(c.error_rate, 4),
-             "loaded": c.loaded, "queue": c.queue, "utility": round(utility(c, self.settings.planner), 4)}
+            {"model": c.model, "fit": round(c.fit, 4), "cosine": round(c.cosine, 4),
+             "latency_ms": round(c.latency_ms, 2), "energy_j": round(c.energy_j, 4), "quality": round(c.quality, 4),
+             "error_rate": round(c.error_rate, 4), "loaded": c.loaded, "queue": c.queue,
+             "utility": round(utility(c, self.settings.planner), 4)}
             for c in scored.candidates
         ]
         return {

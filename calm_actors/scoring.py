@@ -43,7 +43,7 @@ def expected_tokens(query: Query) -> int:
     return max(1, query.max_new_tokens)
 
 
-def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Candidate:
+def predict(query: Query, model: ModelView, fit: float, view: FleetView, cosine: float = 0.0) -> Candidate:
     """Predicted latency, energy and quality of running ``query`` on ``model`` now."""
     state = model.state
     tokens = expected_tokens(query)
@@ -64,7 +64,7 @@ def predict(query: Query, model: ModelView, fit: float, view: FleetView) -> Cand
     return Candidate(
         model=state.name, fit=fit, latency_ms=service_ms + queue_ms + load_ms, energy_j=energy,
         quality=quality, error_rate=state.error_rate, loaded=loaded, queue=model.backlog, load_ms=load_ms,
-        age_s=max(0.0, age_s), requests=state.requests,
+        age_s=max(0.0, age_s), requests=state.requests, cosine=cosine,
     )
 
 
@@ -85,7 +85,7 @@ def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: Pl
         raw = [semantic_fit(embedding, m.profile, learned_row(m), m.profile_sum) for m in models]
     fits = blended_fits([m.state.name for m in models], [m.state.baseline for m in models], raw, embedding,
                         query.prompt, view.classifier, settings)
-    return [predict(query, m, fit, view) for m, fit in zip(models, fits, strict=True)]
+    return [predict(query, m, fit, view, cosine) for m, fit, cosine in zip(models, fits, raw, strict=True)]
 
 
 def blended_fits(names: Sequence[str], baseline: Sequence[bool], cosines: Sequence[float], embedding: np.ndarray,

@@ -46,10 +46,16 @@ def test_queries_get_one_complete_reply_from_their_specialist(tiny_fleet: Path, 
         got = collect(client, f"{prefix}replies", set(sent))
         status = calm.status()
         classifier = client.hgetall(f"{prefix}classifier")
+        decisions = client.xrange(f"{prefix}decisions")
     assert set(got) == set(sent), "every query gets a reply"
     # the monitor trained the domain classifier over the specialists (the baseline is no class)
     assert json.loads(classifier[b"models"]) == sorted(_specialist(tiny_fleet, d) for d in ("arithmetic", "sorting"))
     assert classifier[b"digest"] and len(classifier[b"blob"]) > 0
+    # each decision explains every candidate: its fit share and the raw cosine it came from
+    assert decisions
+    for _, fields in decisions:
+        for c in json.loads(fields[b"candidates"]):
+            assert 0.0 <= c["fit"] <= 1.0 and -1.0 <= c["cosine"] <= 1.0, c
     assert all(len(v) == 1 for v in got.values()), "exactly one reply per query"
     for qid, domain in sent.items():
         reply = got[qid][0]
