@@ -16,8 +16,9 @@ any model, just of this layer, automatically.
 from __future__ import annotations
 
 import hashlib
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import msgpack
 import numpy as np
@@ -29,6 +30,7 @@ MAX_INDENT = 16
 LAYOUT_DIM = MAX_INDENT + 1 + 4 + 3  # indentation histogram, indentation mod 4, symbol/upper/line-length
 TEXT_DIM = NGRAM_BUCKETS + LAYOUT_DIM
 FORMAT_VERSION = 1
+RECENT_SCORES = 4096  # (text, embedding) pairs whose scores a classifier remembers
 
 
 class ClassifierError(ValueError):
@@ -107,6 +109,10 @@ class DomainClassifier:
     models: tuple[str, ...]
     weights: np.ndarray  # (embedding dim + TEXT_DIM, len(models)) float32
     digest: str
+    # Scores of recent (text, embedding) pairs: a repeated prompt (the cache-hit path) skips the
+    # surface features, the costliest part of scoring. Owned by this instance, bounded.
+    _recent: OrderedDict[tuple[str, bytes], np.ndarray] = field(default_factory=OrderedDict, compare=False,
+                                                                repr=False)
 
     @property
     def embedding_dim(self) -> int:
@@ -116,8 +122,17 @@ class DomainClassifier:
         """Raw scores, one per model in ``models`` order (about +1 for its class, -1 otherwise)."""
         if embedding.shape[0] != self.embedding_dim:
             raise ClassifierError(f"embedding has {embedding.shape[0]} dims, classifier expects {self.embedding_dim}")
+        key = (text, embedding.tobytes())
+        cached = self._recent.get(key)
+        if cached is not None:
+            self._recent.move_to_end(key)
+            return cached
         dim = self.embedding_dim
-        return np.asarray(embedding @ self.weights[:dim] + text_features(text) @ self.weights[dim:])
+        out = np.asarray(embedding @ self.weights[:dim] + text_features(text) @ self.weights[dim:])
+        self._recent[key] = out
+        if len(self._recent) > RECENT_SCORES:
+            self._recent.popitem(last=False)
+        return out
 
     def probabilities(self, embedding: np.ndarray, text: str, models: Sequence[str],
                       temperature: float) -> dict[str, float]:

@@ -125,3 +125,16 @@ def test_primal_and_dual_solutions_agree() -> None:
     np.testing.assert_allclose(ridge_solve(x, weight, targets, 0.5), primal)  # auto: rows > features
     np.testing.assert_allclose(ridge_solve(x[:8], weight[:8], targets[:8], 0.5),
                                ridge_solve(x[:8], weight[:8], targets[:8], 0.5, form="dual"))
+
+
+def test_repeated_prompts_reuse_their_scores_and_nothing_else_does() -> None:
+    examples = {"code": (CODE, fake_embeddings(CODE)), "prose": (PROSE, fake_embeddings(PROSE))}
+    clf = train(examples, ridge=0.5, digest="d")
+    emb = fake_embeddings([CODE[0]])[0]
+    first = clf.scores(emb, CODE[0])
+    np.testing.assert_array_equal(clf.scores(emb, CODE[0]), first)
+    other = clf.scores(-emb, CODE[0])  # same text, another embedding: computed afresh
+    dim = clf.embedding_dim
+    np.testing.assert_allclose(other, -emb @ clf.weights[:dim] + text_features(CODE[0]) @ clf.weights[dim:],
+                               rtol=1e-5)
+    assert not np.allclose(other, first)
