@@ -167,9 +167,9 @@ class DomainClassifier:
             raise ClassifierError(f"cannot decode the domain classifier: {e}") from e
 
 
-def classifier_digest(profile_digests: Mapping[str, str]) -> str:
-    """What a classifier is trained from: the models and their profile digests."""
-    key = repr(sorted(profile_digests.items()))
+def classifier_digest(profile_digests: Mapping[str, str], ridge: float) -> str:
+    """What a classifier is trained from: the models, their profile digests and the ridge penalty."""
+    key = repr((sorted(profile_digests.items()), float(ridge)))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 

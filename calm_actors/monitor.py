@@ -46,6 +46,8 @@ class Monitor:
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
+        # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.
+        self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self._embeddings: OrderedDict[str, bytes] = OrderedDict()
         self._known_models: set[str] = set()
         self._classifier_digest = ""
@@ -177,7 +179,7 @@ class Monitor:
                 todo.append((name, state, digest))
         if todo:
             await self._profile(todo)
-        await self.refresh_classifier()
+        await self.refresh_classifier(None if todo else models)
 
     async def _profile(self, todo: list[tuple[str, ModelState, str]]) -> None:
         """Embed (or read back from the disk cache) each profile and publish it as soon as it is ready."""
@@ -199,17 +201,21 @@ class Monitor:
             log.info("profiled %s: %d texts (%s exemplars), %s in %.1f s", name, len(texts),
                      state.exemplars_digest or "no", source, time.perf_counter() - started)
 
-    async def refresh_classifier(self) -> None:
-        """Train and store the domain classifier when the profiled specialists or their profiles change.
+    async def refresh_classifier(self, known: dict[str, ModelState] | None = None) -> None:
+        """Train and store the domain classifier when the profiled specialists, their profiles or the
+        ridge penalty change.
 
-        A model whose profile does not match its card yet is left out until a later round; the analyzer
-        uses the classifier only while it knows every specialist it scores.
+        ``known``: the models as just read (None: read them). A model whose profile does not match its
+        card yet is left out until a later round; the analyzer uses the classifier only while it knows
+        every specialist it scores.
         """
-        models = {n: s for n, s in (await self.rt.kb.models()).items()
+        states = known if known is not None else await self.rt.kb.models()
+        models = {n: s for n, s in states.items()
                   if not s.baseline and s.profile_rows > 0 and s.profile_digest == profile_digest(s)}
         if len(models) < 2:
             return
-        digest = classifier_digest({n: s.profile_digest for n, s in models.items()})
+        ridge = self.settings.planner.classifier_ridge
+        digest = classifier_digest({n: s.profile_digest for n, s in models.items()}, ridge)
         if digest == self._classifier_digest or digest == await self.rt.kb.classifier_digest():
             self._classifier_digest = digest
             return
@@ -222,9 +228,9 @@ class Monitor:
             if raw is None or len(texts) != state.profile_rows or len(raw) % (4 * len(texts)):
                 return  # written while we read: the next round sees it settled
             examples[name] = (texts, np.frombuffer(raw, dtype=np.float32).reshape(len(texts), -1))
-        ridge = self.settings.planner.classifier_ridge
         started = time.perf_counter()
-        classifier = await asyncio.get_running_loop().run_in_executor(self._pool, train, examples, ridge, digest)
+        classifier = await asyncio.get_running_loop().run_in_executor(self._train_pool, train, examples, ridge,
+                                                                      digest)
         pipe = self.rt.client.pipeline(transaction=False)
         self.rt.kb.set_classifier(pipe, digest, classifier.models, classifier.to_bytes(), time.time() * 1000)
         await pipe.execute()

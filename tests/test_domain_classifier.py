@@ -88,9 +88,10 @@ def test_round_trip_and_corrupt_blobs() -> None:
         clf.scores(np.zeros(3, np.float32), "x")  # wrong embedding size
 
 
-def test_digest_depends_on_models_and_profiles_only() -> None:
-    assert classifier_digest({"a": "1", "b": "2"}) == classifier_digest({"b": "2", "a": "1"})
-    assert classifier_digest({"a": "1", "b": "2"}) != classifier_digest({"a": "1", "b": "3"})
+def test_digest_depends_on_models_profiles_and_ridge() -> None:
+    assert classifier_digest({"a": "1", "b": "2"}, 0.5) == classifier_digest({"b": "2", "a": "1"}, 0.5)
+    assert classifier_digest({"a": "1", "b": "2"}, 0.5) != classifier_digest({"a": "1", "b": "3"}, 0.5)
+    assert classifier_digest({"a": "1", "b": "2"}, 0.5) != classifier_digest({"a": "1", "b": "2"}, 1.0)
 
 
 def test_blend_moves_specialists_and_leaves_baselines_alone() -> None:
