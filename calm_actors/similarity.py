@@ -17,19 +17,25 @@ def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray
     as one more row. ``profile_sum`` (the rows' sum, precomputed by the fleet view) saves a pass over the
     profile; the cosine to the centroid is the cosine to the sum.
     """
-    sims = profile @ embedding
     total = profile.sum(axis=0) if profile_sum is None else profile_sum
+    return _fit(embedding, profile @ embedding, total, float(total @ embedding), learned)
+
+
+def _fit(embedding: np.ndarray, sims: np.ndarray, total: np.ndarray, total_dot: float,
+         learned: np.ndarray | None) -> float:
+    """The fit from a model's row cosines ``sims`` and row sum ``total`` (``total_dot`` = total · embedding)."""
     k = min(NEIGHBOURS, sims.shape[0])
     nearest = np.partition(sims, sims.shape[0] - k)[-k:]
     if learned is not None:
         total = total + learned
         learned_sim = float(learned @ embedding)
+        total_dot += learned_sim
         if k < NEIGHBOURS:
             nearest = np.append(nearest, learned_sim)
         elif learned_sim > nearest.min():
             nearest[nearest.argmin()] = learned_sim
     norm = float(np.linalg.norm(total)) or 1.0
-    return float(CENTROID_WEIGHT * (total @ embedding) / norm + (1 - CENTROID_WEIGHT) * nearest.mean())
+    return float(CENTROID_WEIGHT * total_dot / norm + (1 - CENTROID_WEIGHT) * nearest.mean())
 
 
 class StackedProfiles:
@@ -53,22 +59,5 @@ class StackedProfiles:
             return {}
         sims = self.matrix @ embedding
         centre = self.sums @ embedding
-        out: dict[str, float] = {}
-        for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True)):
-            part = sims[start:end]
-            k = min(NEIGHBOURS, part.shape[0])
-            nearest = np.partition(part, part.shape[0] - k)[-k:]
-            total_dot, total = float(centre[i]), self.sums[i]
-            row = learned.get(name)
-            if row is not None:
-                total = total + row
-                learned_sim = float(row @ embedding)
-                total_dot += learned_sim
-                if k < NEIGHBOURS:
-                    nearest = np.append(nearest, learned_sim)
-                elif learned_sim > nearest.min():
-                    nearest = nearest.copy()
-                    nearest[nearest.argmin()] = learned_sim
-            norm = float(np.linalg.norm(total)) or 1.0
-            out[name] = CENTROID_WEIGHT * total_dot / norm + (1 - CENTROID_WEIGHT) * float(nearest.mean())
-        return out
+        return {name: _fit(embedding, sims[start:end], self.sums[i], float(centre[i]), learned.get(name))
+                for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True))}
