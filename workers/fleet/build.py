@@ -205,12 +205,17 @@ def _exemplars_key(recipe: FleetRecipe) -> str:
     return f"{recipe.exemplars_per_model}:{EXEMPLAR_SEED}"
 
 
+def _exemplars_current(root: Path, recipe: FleetRecipe) -> bool:
+    stamp = _exemplars_stamp(root)
+    return stamp.is_file() and stamp.read_text() == _exemplars_key(recipe)
+
+
 def refresh_exemplars(root: Path, recipe: FleetRecipe) -> None:
     """Rewrite a built fleet's exemplar files when the recipe asks for another count (no retraining)."""
-    if _exemplars_stamp(root).is_file() and _exemplars_stamp(root).read_text() == _exemplars_key(recipe):
+    if _exemplars_current(root, recipe):
         return
     with _locked(root.parent / f".{root.name}.lock"):
-        if _exemplars_stamp(root).is_file() and _exemplars_stamp(root).read_text() == _exemplars_key(recipe):
+        if _exemplars_current(root, recipe):
             return  # another process refreshed them while we waited
         for m in recipe.models:
             target = root / "models" / m.name / EXEMPLARS_FILE
