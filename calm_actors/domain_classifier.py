@@ -184,9 +184,9 @@ def train(examples: Mapping[str, tuple[Sequence[str], np.ndarray]], ridge: float
     models = tuple(sorted(examples))
     if len(models) < 2:
         raise ValueError("a domain classifier needs at least two models")
-    blocks = [features(examples[m][1], examples[m][0]) for m in models]
-    x = np.vstack(blocks)  # float32: 4 × 1,028 rows × 4,504 columns is 74 MB
-    labels = np.concatenate([np.full(b.shape[0], i) for i, b in enumerate(blocks)])
+    texts = [t for m in models for t in examples[m][0]]
+    x = features(np.vstack([examples[m][1] for m in models]), texts)  # float32: 4 × 1,028 × 4,504 is 74 MB
+    labels = np.concatenate([np.full(len(examples[m][0]), i) for i, m in enumerate(models)])
     counts = np.bincount(labels, minlength=len(models)).astype(np.float64)
     if (counts == 0).any():
         raise ValueError("every model needs at least one profile text")

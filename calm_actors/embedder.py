@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import tomllib
 from collections.abc import Sequence
@@ -54,7 +55,12 @@ class SentenceEmbedder:
         self._tokenizer.enable_truncation(MAX_TOKENS)
         self._tokenizer.enable_padding()
         self.dim = int(self._session.get_outputs()[0].shape[-1] or 384)
-        self.identity = _digest(model, tok)  # what the embeddings depend on: the graph and the vocabulary
+        self._files = (model, tok)
+
+    @functools.cached_property
+    def identity(self) -> str:
+        """A digest of what the embeddings depend on: the graph and the vocabulary (read on first use)."""
+        return _digest(*self._files)
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
         """A ``(len(texts), dim)`` float32 matrix of L2-normalised embeddings.

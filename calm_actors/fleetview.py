@@ -26,7 +26,6 @@ class ModelView:
     servable_on: tuple[str, ...]
     loaded_on: tuple[str, ...]
     backlog: int  # entries waiting or in flight on the model's work stream
-    profile_sum: np.ndarray | None = None  # the profile rows' sum (its centroid's direction), computed once
 
 
 @dataclass(slots=True)
@@ -37,36 +36,34 @@ class FleetView:
     workers: dict[str, WorkerState] = field(default_factory=dict)
     refreshed_ms: float = 0.0
     classifier: DomainClassifier | None = None  # loaded only by views that score (the analyzer's)
-    stacked: StackedProfiles | None = None  # every profile in one matrix, rebuilt when a profile changes
+    stacked: StackedProfiles | None = None  # every profile in one matrix (scoring views only)
 
 
 class ProfileCache:
     """Routing profiles by model, re-read from the KB only when a model's profile digest changes."""
 
     def __init__(self) -> None:
-        self._matrices: dict[str, tuple[str, np.ndarray, np.ndarray]] = {}
+        self._matrices: dict[str, tuple[str, np.ndarray]] = {}
         self._stacked: tuple[tuple[tuple[str, str], ...], StackedProfiles] | None = None
 
     def stacked(self) -> StackedProfiles:
         """All cached profiles in one matrix (rebuilt only when the set of profiles has changed)."""
-        key = tuple(sorted((n, d) for n, (d, _, _) in self._matrices.items()))
+        key = tuple(sorted((n, d) for n, (d, _) in self._matrices.items()))
         if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, StackedProfiles({n: (m, t) for n, (_, m, t) in sorted(self._matrices.items())}))
+            self._stacked = (key, StackedProfiles({n: m for n, (_, m) in sorted(self._matrices.items())}))
         return self._stacked[1]
 
-    async def matrices(self, kb: KnowledgeBase,
-                       states: dict[str, ModelState]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-        """Each profiled model's (profile rows, their sum)."""
+    async def matrices(self, kb: KnowledgeBase, states: dict[str, ModelState]) -> dict[str, np.ndarray]:
         wanted = {n: s for n, s in states.items() if s.profile_rows > 0 and s.profile_digest}
-        stale = [n for n, s in wanted.items() if n not in self._matrices or self._matrices[n][0] != s.profile_digest]
+        stale = [n for n, s in wanted.items() if self._matrices.get(n, ("", None))[0] != s.profile_digest]
         for name, raw in (await kb.profiles(stale)).items():
             rows = wanted[name].profile_rows
             if len(raw) % (4 * rows) == 0:
-                matrix = np.frombuffer(raw, dtype=np.float32).reshape(rows, -1)
-                self._matrices[name] = (wanted[name].profile_digest, matrix, matrix.sum(axis=0))
+                self._matrices[name] = (wanted[name].profile_digest,
+                                        np.frombuffer(raw, dtype=np.float32).reshape(rows, -1))
         for name in set(self._matrices) - set(wanted):
             del self._matrices[name]
-        return {n: (m, total) for n, (digest, m, total) in self._matrices.items()
+        return {n: m for n, (digest, m) in self._matrices.items()
                 if n in wanted and digest == wanted[n].profile_digest}
 
 
@@ -97,7 +94,8 @@ async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
     """Read models, workers and work-stream backlogs in a few pipelined round trips.
 
     Pass the same ``profiles`` cache on every call so that unchanged profiles are not read again, and a
-    ``classifiers`` cache when the view will score queries.
+    ``classifiers`` cache when the view will score queries: only such a view also gets the classifier
+    and the stacked profiles (a second copy of every profile that views which only plan do not need).
     """
     models = await kb.models()
     workers = await kb.workers()
@@ -106,17 +104,18 @@ async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
     queues = await backlogs(kb, names, list(models))
     profiles = profiles or ProfileCache()
     matrices = await profiles.matrices(kb, models)
-    classifier = await classifiers.current(kb) if classifiers is not None else None
-    view = FleetView(workers=alive, refreshed_ms=now_ms, classifier=classifier, stacked=profiles.stacked())
+    view = FleetView(workers=alive, refreshed_ms=now_ms)
+    if classifiers is not None:
+        view.classifier, view.stacked = await classifiers.current(kb), profiles.stacked()
     for name, state in models.items():
-        profile = matrices.get(name)
-        if profile is None:
+        matrix = matrices.get(name)
+        if matrix is None:
             continue
         servable = tuple(w for w, ws in alive.items() if name in ws.models_servable)
         if not servable:
             continue
         loaded = tuple(w for w in state.loaded_on if w in alive)
-        view.models[name] = ModelView(state, profile[0], servable, loaded, queues.get(name, 0), profile[1])
+        view.models[name] = ModelView(state, matrix, servable, loaded, queues.get(name, 0))
     return view
 
 

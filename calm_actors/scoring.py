@@ -10,7 +10,7 @@ from broker.config import PlannerSettings
 from broker.messages import Candidate, Query
 from calm_actors.domain_classifier import ClassifierError, DomainClassifier
 from calm_actors.fleetview import FleetView, ModelView
-from calm_actors.similarity import semantic_fit
+from calm_actors.similarity import StackedProfiles
 
 DEFAULT_MS_PER_TOKEN = 5.0  # prior for a model with no telemetry yet (optimistic: it gets tried)
 DEFAULT_LOAD_S = 1.0
@@ -77,12 +77,11 @@ def score_all(query: Query, embedding: np.ndarray, view: FleetView, settings: Pl
     """
     models = [m for m in view.models.values() if fits_context(query, m.state.max_context)]
     stacked = view.stacked
-    if stacked is not None and all(m.state.name in stacked.index for m in models):
-        learned = {m.state.name: row for m in models if (row := learned_row(m)) is not None}
-        every = stacked.fits(embedding, learned)
-        raw = [every[m.state.name] for m in models]
-    else:
-        raw = [semantic_fit(embedding, m.profile, learned_row(m), m.profile_sum) for m in models]
+    if stacked is None or any(m.state.name not in stacked.index for m in models):
+        stacked = StackedProfiles({m.state.name: m.profile for m in models})  # a view built without them
+    learned = {m.state.name: row for m in models if (row := learned_row(m)) is not None}
+    every = stacked.fits(embedding, learned)
+    raw = [every[m.state.name] for m in models]
     fits = blended_fits([m.state.name for m in models], [m.state.baseline for m in models], raw, embedding,
                         query.prompt, view.classifier, settings)
     return [predict(query, m, fit, view, cosine) for m, fit, cosine in zip(models, fits, raw, strict=True)]

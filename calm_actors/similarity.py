@@ -8,16 +8,14 @@ NEIGHBOURS = 3  # profile rows averaged for the nearest-neighbour part of the fi
 CENTROID_WEIGHT = 0.3  # the rest goes to the nearest neighbours
 
 
-def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None,
-                 profile_sum: np.ndarray | None = None) -> float:
+def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None) -> float:
     """Cosine fit of a query to a model: mostly its ``NEIGHBOURS`` nearest profile rows, partly the centroid.
 
     The profile holds the card's description and examples plus the exemplars its fleet ships (prompts
     from the model's training data). ``learned`` (the centroid of queries the model served well) joins it
-    as one more row. ``profile_sum`` (the rows' sum, precomputed by the fleet view) saves a pass over the
-    profile; the cosine to the centroid is the cosine to the sum.
+    as one more row. (The cosine to the centroid is the cosine to the rows' sum.)
     """
-    total = profile.sum(axis=0) if profile_sum is None else profile_sum
+    total = profile.sum(axis=0)
     return _fit(embedding, profile @ embedding, total, float(total @ embedding), learned)
 
 
@@ -42,15 +40,15 @@ class StackedProfiles:
     """Every model's profile rows in one matrix, so one product scores a query against the whole fleet.
 
     ``fits`` returns what ``semantic_fit`` returns for each model, for the cost of one matrix-vector
-    product instead of one per model.
+    product instead of one per model. Build it once per set of profiles, not per query.
     """
 
-    def __init__(self, profiles: dict[str, tuple[np.ndarray, np.ndarray]]) -> None:
+    def __init__(self, profiles: dict[str, np.ndarray]) -> None:
         self.names = tuple(profiles)
-        self.matrix = np.vstack([m for m, _ in profiles.values()]) if profiles else np.zeros((0, 0), np.float32)
-        ends = np.cumsum([m.shape[0] for m, _ in profiles.values()], dtype=np.int64).tolist()
+        self.matrix = np.vstack(list(profiles.values())) if profiles else np.zeros((0, 0), np.float32)
+        ends = np.cumsum([m.shape[0] for m in profiles.values()], dtype=np.int64).tolist()
         self.bounds = tuple(zip([0, *ends][:-1], ends, strict=True))
-        self.sums = np.vstack([total for _, total in profiles.values()]) if profiles else self.matrix
+        self.sums = np.vstack([m.sum(axis=0) for m in profiles.values()]) if profiles else self.matrix
         self.index = {name: i for i, name in enumerate(self.names)}
 
     def fits(self, embedding: np.ndarray, learned: dict[str, np.ndarray]) -> dict[str, float]:

@@ -188,7 +188,7 @@ def test_semantic_fit_on_unit_vectors() -> None:
     assert semantic_fit(e1, rows) == pytest.approx(expected, abs=1e-6)
 
 
-def test_the_learned_row_and_a_precomputed_sum_change_nothing_but_the_cost() -> None:
+def test_the_learned_row_scores_as_one_more_profile_row() -> None:
     rng = np.random.default_rng(3)
     for rows in (1, 2, 3, 40):
         profile = rng.normal(size=(rows, 8)).astype(np.float32)
@@ -197,8 +197,8 @@ def test_the_learned_row_and_a_precomputed_sum_change_nothing_but_the_cost() -> 
         for learned in (_unit(*profile[0] + query), _unit(*-query)):  # near the query, and far from it
             joined = semantic_fit(query, np.vstack([profile, learned[None, :]]))
             assert semantic_fit(query, profile, learned) == pytest.approx(joined, abs=1e-5)
-            assert semantic_fit(query, profile, learned, profile.sum(axis=0)) == pytest.approx(joined, abs=1e-5)
-        assert semantic_fit(query, profile, None, profile.sum(axis=0)) == pytest.approx(semantic_fit(query, profile))
+            stacked = StackedProfiles({"m": profile}).fits(query, {"m": learned})
+            assert stacked["m"] == pytest.approx(joined, abs=1e-5)
 
 
 def test_stacked_profiles_score_every_model_as_semantic_fit_does() -> None:
@@ -207,12 +207,12 @@ def test_stacked_profiles_score_every_model_as_semantic_fit_does() -> None:
     for name, rows in (("a", 1), ("b", 2), ("c", 40)):
         m = rng.normal(size=(rows, 8)).astype(np.float32)
         m /= np.linalg.norm(m, axis=1, keepdims=True)
-        profiles[name] = (m, m.sum(axis=0))
+        profiles[name] = m
     stacked = StackedProfiles(profiles)
     query = _unit(*rng.normal(size=8))
-    learned = {"b": _unit(*rng.normal(size=8)), "c": _unit(*profiles["c"][0][0] + query)}
+    learned = {"b": _unit(*rng.normal(size=8)), "c": _unit(*profiles["c"][0] + query)}
     fits = stacked.fits(query, learned)
-    for name, (matrix, _) in profiles.items():
+    for name, matrix in profiles.items():
         assert fits[name] == pytest.approx(semantic_fit(query, matrix, learned.get(name)), abs=1e-5), name
     assert StackedProfiles({}).fits(query, {}) == {}
 

@@ -22,7 +22,7 @@ from broker.config import PlannerSettings
 from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.scoring import blended_fits, profile_texts
-from calm_actors.similarity import semantic_fit
+from calm_actors.similarity import StackedProfiles
 from workers.fleet.data import read_eval_set
 from workers.fleet.spec import Fleet, load_fleet
 
@@ -71,15 +71,16 @@ VARIANTS = {
 class Router:
     """Each specialist's routing profile (built as the monitor builds it) and, maybe, the classifier."""
 
-    profiles: dict[str, np.ndarray]
+    profiles: StackedProfiles
     classifier: DomainClassifier | None
 
     def route(self, embeddings: np.ndarray, prompts: Sequence[str], settings: PlannerSettings) -> list[str]:
         """The best-fitting model for each embedded prompt, by the analyzer's blended fit."""
-        names = list(self.profiles)
+        names = list(self.profiles.names)
         out = []
         for embedding, prompt in zip(embeddings, prompts, strict=True):
-            cosines = [semantic_fit(embedding, self.profiles[n]) for n in names]
+            every = self.profiles.fits(embedding, {})
+            cosines = [every[n] for n in names]
             fits = blended_fits(names, [False] * len(names), cosines, embedding, prompt, self.classifier, settings)
             out.append(names[int(np.argmax(fits))])
         return out
@@ -98,7 +99,7 @@ def build_router(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, set
     if variant.classifier and len(profiles) >= 2:
         examples = {name: (texts[name], profiles[name]) for name in profiles}
         classifier = train(examples, settings.classifier_ridge, digest="bench")
-    return Router(profiles, classifier)
+    return Router(StackedProfiles(profiles), classifier)
 
 
 def evaluate(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, settings: PlannerSettings,
