@@ -67,6 +67,7 @@ class Embedded(Message, frozen=True, tag="embedded"):
     query: Query
     embedding: bytes
     stamps: dict[str, float] = {}
+    exact_hit: bytes = b""  # the exact cache's entry for this query (msgpack), found by the monitor: no scoring
 
 
 class Scored(Message, frozen=True, tag="scored"):
@@ -77,6 +78,7 @@ class Scored(Message, frozen=True, tag="scored"):
     domain: str = ""
     stamps: dict[str, float] = {}
     embedding: bytes = b""
+    exact_hit: bytes = b""  # carried from Embedded: the query is answered from the exact cache
 
 
 class Planned(Message, frozen=True, tag="planned"):
@@ -87,6 +89,7 @@ class Planned(Message, frozen=True, tag="planned"):
     domain: str = ""
     stamps: dict[str, float] = {}
     embedding: bytes = b""
+    exact_hit: bytes = b""  # carried from Scored: the executor replies with it instead of dispatching
 
 
 class Work(Message, frozen=True, tag="work"):

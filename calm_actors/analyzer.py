@@ -12,6 +12,7 @@ from broker.effects import Effects, Entry
 from broker.messages import Embedded, Scored
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
+from calm_actors.cache import exact_hit
 from calm_actors.fleetview import ClassifierCache, FleetView, ProfileCache, load_view
 from calm_actors.replying import answer_dead_query
 from calm_actors.scoring import domain_of, score_all
@@ -48,6 +49,8 @@ class Analyzer:
 
     async def on_embedded(self, entry: Entry) -> Effects:
         message = decode_as(Embedded, entry.fields, entry.id, entry.stream)
+        if message.exact_hit:
+            return self._pass_exact_hit(message)
         embedding = np.frombuffer(message.embedding, dtype=np.float32)
         pinned = message.query.model
         if not self.view.models or (pinned is not None and pinned not in self.view.models):
@@ -61,6 +64,14 @@ class Analyzer:
         stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
         scored = Scored(query=message.query, candidates=candidates, domain=domain, stamps=stamps,
                         embedding=message.embedding)
+        return Effects().xadd(self.names.plan, encode(scored), maxlen=self.settings.streams.maxlen)
+
+    def _pass_exact_hit(self, message: Embedded) -> Effects:
+        """A query the monitor found in the exact cache: nothing to score; its domain is the cached reply's."""
+        domain = str(exact_hit(message.exact_hit).reply.get("domain", ""))
+        stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
+        scored = Scored(query=message.query, candidates=[], domain=domain, stamps=stamps,
+                        exact_hit=message.exact_hit)
         return Effects().xadd(self.names.plan, encode(scored), maxlen=self.settings.streams.maxlen)
 
 

@@ -7,6 +7,7 @@ semantic entries of a domain into memory incrementally (a stream per domain read
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import time
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from broker.config import CacheSettings
+from broker.errors import DecodeError
 from broker.messages import Query
 from broker.names import Names
 from calm_actors.meaning import normalise, same_meaning_parts
@@ -55,6 +57,14 @@ def exact_digest(query: Query) -> str:
     return hashlib.sha256(f"{normalise(query.prompt)}\x00{params_key(query)}".encode()).hexdigest()
 
 
+def exact_hit(raw: bytes) -> Hit:
+    """The hit an exact entry (as stored by :meth:`ResponseCache.store`) stands for; DecodeError if unreadable."""
+    try:
+        return Hit("exact", msgspec.msgpack.decode(raw, type=dict[str, Any]))
+    except msgspec.DecodeError as e:
+        raise DecodeError(f"unreadable exact-cache entry: {e}") from e
+
+
 class ResponseCache:
     """Lookups and stores of finished replies."""
 
@@ -64,6 +74,12 @@ class ResponseCache:
         self.settings = settings
         self._mirrors: dict[str, _Mirror] = {}
         self._dirty: set[str] = set()  # domains this process stored into since their last refresh
+
+    def exact_key(self, query: Query) -> str | None:
+        """The key of ``query``'s exact entry, or None when the exact cache does not apply to it."""
+        if not self.settings.exact or not eligible(query, self.settings):
+            return None
+        return self.names.cache_exact(exact_digest(query))
 
     async def lookup(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
         """An earlier reply that answers ``query``, or None."""
@@ -77,7 +93,8 @@ class ResponseCache:
             raws: Any = await self.client.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
             for i, raw in zip(todo, raws, strict=True):
                 if raw is not None:
-                    hits[i] = Hit("exact", msgspec.msgpack.decode(raw))
+                    with contextlib.suppress(DecodeError):  # unreadable: a miss, and the new reply overwrites it
+                        hits[i] = exact_hit(raw)
         if self.settings.semantic:
             for i in todo:
                 query, embedding, domain = asks[i]

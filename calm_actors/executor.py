@@ -14,7 +14,7 @@ from broker.errors import DecodeError
 from broker.messages import Inflight, Planned, Result, Work
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
-from calm_actors.cache import Hit, ResponseCache
+from calm_actors.cache import Hit, ResponseCache, exact_hit
 from calm_actors.learning import Learner
 from calm_actors.replying import answer_dead_query, query_rejection
 from calm_actors.tuning import Tuning
@@ -35,10 +35,11 @@ class Executor:
         self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)
         self.learner = Learner(rt.client, rt.names)
         self.tuning = Tuning(rt, ("cache", "executor"))
+        self._answer_dead = answer_dead_query(self.replies)
 
     def install(self) -> None:
         self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, batch_handler=self.on_planned_batch,
-                         on_dead=answer_dead_query(self.replies), trim_acked=True)
+                         on_dead=self._answer_dead, trim_acked=True)
         self.rt.consumer(self.names.results, self.names.GROUP_RESULTS, batch_handler=self.on_results, batch=128,
                          trim_acked=True)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
@@ -62,9 +63,22 @@ class Executor:
                 planned.append((i, decode_as(Planned, entry.fields, entry.id, entry.stream)))
             except DecodeError as e:
                 out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
-        hits = await self.cache.lookup_many([(p.query, p.embedding, p.domain) for _, p in planned])
+        # The monitor already found exact hits (and the decision says so); the rest are looked up here, since
+        # an identical query may have been answered meanwhile, and the semantic cache needs the domain.
+        hits: list[Hit | None] = [None] * len(planned)
+        todo = [k for k, (_, p) in enumerate(planned) if not p.exact_hit]
+        found = await self.cache.lookup_many([(planned[k][1].query, planned[k][1].embedding, planned[k][1].domain)
+                                              for k in todo]) if todo else []
+        for k, hit in zip(todo, found, strict=True):
+            hits[k] = hit
         now_ms = time.time() * 1000
-        for (i, p), hit in zip(planned, hits, strict=True):
+        for k, (i, p) in enumerate(planned):
+            try:
+                hit = exact_hit(p.exact_hit) if p.exact_hit else hits[k]
+            except DecodeError as e:  # the monitor checked it, so only a tampered message gets here
+                out[i].dead_letter(self.names, entries[i], str(e), "executor", self.settings.streams.dead_maxlen)
+                self._answer_dead(entries[i], str(e), out[i])
+                continue
             inflight = Inflight(query=p.query, decision=p.decision, domain=p.domain, attempt=1, dispatched_ms=now_ms,
                                 stamps={**p.stamps, "executor_ms": now_ms}, embedding=p.embedding)
             if hit is not None:

@@ -23,12 +23,14 @@ from broker.kb import ModelState
 from broker.messages import Embedded, Query, Telemetry
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
+from calm_actors.cache import ResponseCache, exact_hit
 from calm_actors.domain_classifier import classifier_digest, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.meaning import normalise
 from calm_actors.profile_cache import ProfileDiskCache
 from calm_actors.replying import rejection
 from calm_actors.scoring import profile_texts
+from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
 PROFILE_REFRESH_S = 1.0
@@ -53,6 +55,8 @@ class Monitor:
         self._classifier_digest = ""
         self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
                                                self.embedder.identity)
+        self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)
+        self.tuning = Tuning(rt, ("cache",))
 
     def install(self) -> None:
         s = self.settings
@@ -61,6 +65,13 @@ class Monitor:
         self.rt.consumer(self.names.telemetry, self.names.GROUP_TELEMETRY, batch_handler=self.on_telemetry, batch=256,
                          trim_acked=True)
         self.rt.every(PROFILE_REFRESH_S, self.refresh_profiles, "profiles")
+        self.rt.every(1.0, self.retune, "tuning")
+
+    async def retune(self) -> None:
+        """Pick up ``cache.*`` overrides set with ``calm config set`` (the exact cache may be switched off)."""
+        settings = await self.tuning.poll()
+        if settings is not None:
+            self.cache.settings = settings.cache
 
     # -- queries -------------------------------------------------------------------
     async def on_queries(self, entries: list[Entry]) -> Sequence[Effects]:
@@ -73,26 +84,47 @@ class Monitor:
         valid = await self._drop_unknown_models(entries, valid, effects)
         if not valid:
             return effects
-        # Idempotency claims for the whole batch in one round trip.
+        # Idempotency claims and exact-cache lookups for the whole batch in one round trip.
         pipe = self.rt.client.pipeline(transaction=False)
-        for _, query in valid:
+        keys = [self.cache.exact_key(query) for _, query in valid]
+        for (_, query), key in zip(valid, keys, strict=True):
             self.replies.claim(pipe, query.id, query.entry_id, query.reply_to)
-        claims = [ReplyBook.parse_claim(raw) for raw in await pipe.execute()]
+            if key is not None:
+                pipe.get(key)
+        results = iter(await pipe.execute())
         fresh: list[tuple[int, Query]] = []
-        for (i, query), claim in zip(valid, claims, strict=True):
-            if claim.state == "new":
+        stamp = time.time() * 1000
+        for (i, query), key in zip(valid, keys, strict=True):
+            claim = ReplyBook.parse_claim(next(results))
+            cached = self._exact_entry(next(results)) if key is not None else b""
+            if claim.state == "new" and cached:
+                # Answered from the exact cache: the later stages pass it along without scoring or dispatch.
+                message = Embedded(query=query, embedding=b"", stamps={"monitor_ms": stamp}, exact_hit=cached)
+                effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
+            elif claim.state == "new":
                 fresh.append((i, query))
             elif claim.state == "done" and claim.reply is not None:
                 reply = claim.reply
                 effects[i].call(partial(self.replies.resend, reply_to=query.reply_to, reply=reply))
             # "wait": the first copy is in flight; its delivery also answers this reply stream.
         if fresh:
-            stamp = time.time() * 1000
             vectors = await self._embed([q.prompt for _, q in fresh])
             for (i, query), vector in zip(fresh, vectors, strict=True):
                 message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp})
                 effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
+
+    @staticmethod
+    def _exact_entry(raw: Any) -> bytes:
+        """An exact-cache entry that decodes (else b"": an unreadable entry is a miss, and the reply overwrites it)."""
+        if not isinstance(raw, bytes):
+            return b""
+        try:
+            exact_hit(raw)
+        except DecodeError as e:
+            log.warning("ignoring an unreadable exact-cache entry: %s", e)
+            return b""
+        return raw
 
     async def _embed(self, prompts: list[str]) -> list[bytes]:
         """Embeddings of ``prompts``; repeated prompts come from a bounded in-memory LRU, the rest in one batch."""

@@ -11,6 +11,7 @@ from broker.effects import Effects, Entry
 from broker.messages import Decision, Planned, Query, Scored, WantModel
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
+from calm_actors.cache import exact_hit
 from calm_actors.fleetview import FleetView, ProfileCache, load_view
 from calm_actors.planning import Routable, make_strategy, utility
 from calm_actors.replying import answer_dead_query, query_rejection
@@ -63,6 +64,8 @@ class Planner:
 
     async def on_scored(self, entry: Entry) -> Effects:
         message = decode_as(Scored, entry.fields, entry.id, entry.stream)
+        if message.exact_hit:
+            return self._pass_exact_hit(message)
         query = message.query
         options = [
             Routable(c, self.view.models[c.model].state.baseline if c.model in self.view.models else False)
@@ -100,6 +103,18 @@ class Planner:
             want = WantModel(model=model, query_id=query.id, at_ms=now * 1000)
             effects.xadd(self.names.sched, encode(want), maxlen=self.settings.streams.maxlen)
         return effects
+
+    def _pass_exact_hit(self, message: Scored) -> Effects:
+        """A query answered from the exact cache: no model runs, so no demand and no wants; the decision says so."""
+        query = message.query
+        model = str(exact_hit(message.exact_hit).reply.get("model", ""))
+        decision = Decision(model=model, reason="exact cache hit")
+        stamps = {**message.stamps, "planner_ms": time.time() * 1000}
+        planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps,
+                          exact_hit=message.exact_hit)
+        effects = Effects().xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
+        return effects.xadd(self.names.decisions, self._explain(planned, message),
+                            maxlen=self.settings.streams.decisions_maxlen)
 
     def _shed(self, query: Query, effects: Effects) -> Effects:
         """Backpressure: every model that could serve the query is full; say so instead of queueing."""

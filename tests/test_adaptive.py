@@ -82,8 +82,24 @@ def test_repeated_and_paraphrased_queries_come_from_the_cache(tiny_fleet: Path, 
         again = ask(client, prefix, "12+7=")
         spaced = ask(client, prefix, "12 + 7 =")
         other = ask(client, prefix, "12+8=")
+        decisions = {f[b"id"].decode(): f for _, f in client.xrange(f"{prefix}decisions")}
+        demand = client.hgetall(f"{prefix}demand:{first['model']}")
+        # Switched off at run time (calm config set), the exact cache answers nothing: the model runs again.
+        client.hset(f"{prefix}config", "cache.exact", "false")
+        client.hset(f"{prefix}config", "cache.semantic", "false")
+        time.sleep(2.5)  # the monitor and the executor poll the runtime config every second
+        uncached = ask(client, prefix, "12+7=")
     assert first["cached"] == "0"
     assert again["cached"] == "1" and again["cache"] == "exact" and again["text"] == first["text"]
+    # The monitor found the exact hit: the decision says so, no candidate was scored, no work was dispatched.
+    assert decisions[again["id"]][b"reason"] == b"exact cache hit", decisions[again["id"]]
+    assert decisions[again["id"]][b"model"].decode() == first["model"]
+    assert decisions[again["id"]][b"candidates"] == b"[]"
+    assert decisions[first["id"]][b"candidates"] != b"[]"
+    # Demand counts the queries planned onto the model, not the exact hit the monitor found.
+    planned = [f for f in decisions.values() if f[b"model"].decode() == first["model"]]
+    assert sum(int(v) for v in demand.values()) == len(planned) - 1, (demand, planned)
+    assert uncached["cached"] == "0" and uncached["model"] == first["model"], uncached
     assert spaced["cached"] == "1" and spaced["cache"] == "semantic" and spaced["text"] == first["text"]
     assert other["cached"] == "0"
     assert float(again["energy_j"]) == 0.0 and again["worker"] == ""

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import msgspec
 import pytest
 import redis.asyncio as aioredis
 
 from broker.config import CacheSettings
+from broker.errors import DecodeError
 from broker.messages import Query
 from broker.names import Names
-from calm_actors.cache import ResponseCache, exact_digest
+from calm_actors.cache import ResponseCache, exact_digest, exact_hit
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.meaning import same_meaning_parts
 from tests.probes import CONTRASTS, PARAPHRASES
@@ -47,6 +49,21 @@ async def test_exact_hits_need_every_generation_parameter(aclient: aioredis.Redi
     assert await cache.lookup(_query("12+7=", max_new_tokens=8, model="arith"), b"", "arithmetic") is None
     assert await cache.lookup(_query("12+7=", max_new_tokens=8, temperature=0.7), b"", "arithmetic") is None
     assert await aclient.ttl(names.cache_exact(exact_digest(_query("12+7=", max_new_tokens=8)))) > 0
+
+
+async def test_unreadable_exact_entries_are_misses(aclient: aioredis.Redis, names: Names) -> None:
+    cache = ResponseCache(aclient, names, CacheSettings(semantic=False))
+    key = cache.exact_key(_query("1+1="))
+    assert key == names.cache_exact(exact_digest(_query("1+1=")))
+    for junk in (b"\xc1", msgspec.msgpack.encode([1, 2])):  # not msgpack; msgpack but not a reply
+        await aclient.set(key, junk)
+        assert await cache.lookup(_query("1+1="), b"", "arithmetic") is None
+        with pytest.raises(DecodeError, match="unreadable exact-cache entry"):
+            exact_hit(junk)
+    assert exact_hit(msgspec.msgpack.encode(REPLY)).reply == REPLY
+    # No key where the exact cache does not apply: switched off, or a sampled query.
+    assert ResponseCache(aclient, names, CacheSettings(exact=False)).exact_key(_query("1+1=")) is None
+    assert cache.exact_key(_query("1+1=", temperature=0.7)) is None
 
 
 async def test_sampled_replies_are_not_cached(aclient: aioredis.Redis, names: Names,
