@@ -20,7 +20,7 @@ DEFAULT_ENERGY_PER_TOKEN_J = 0.05
 LEARNED_MIN_SAMPLES = 5
 
 
-MAX_EXEMPLARS = 1024  # exemplar prompts per model that join its routing profile
+MAX_EXEMPLARS = 2048  # exemplar prompts per model that join its routing profile
 
 
 def profile_texts(name: str, description: str, examples: Sequence[str], exemplars: Sequence[str]) -> list[str]:

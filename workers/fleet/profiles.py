@@ -130,7 +130,7 @@ def demo() -> FleetRecipe:
         models=(arith, sort, code, prose, general),
         vocab_size=1024,
         data=DataRecipe(arithmetic_ops=("+",), eval_items_pairs=300, eval_items_text=60),
-        exemplars_per_model=1024,  # the domain classifier separates code from prose far better with more
+        exemplars_per_model=2048,  # the domain classifier separates code from prose better the more it sees
     )
 
 

@@ -27,7 +27,7 @@ import tomli_w
 FLEET_FILE = "fleet.toml"
 MODEL_FILE = "model.onnx"
 DEFAULT_EOS = "<|endoftext|>"
-MAX_EXEMPLARS = 1024  # as many as the router takes into a profile (calm_actors.scoring.MAX_EXEMPLARS)
+MAX_EXEMPLARS = 2048  # as many as the router takes into a profile (calm_actors.scoring.MAX_EXEMPLARS)
 
 _REQUIRED_CARD_FIELDS = ("name", "path", "description", "examples", "prompt_template")
 
