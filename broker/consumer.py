@@ -18,7 +18,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from broker.config import StreamSettings
@@ -245,11 +245,19 @@ class StreamConsumer:
         return {as_text(r["message_id"]): int(r["times_delivered"]) for r in rows}
 
     async def _retrying(self, fn: Callable[[], Awaitable[object]], attempts: int = 50) -> None:
+        """Run a commit until it succeeds, retrying connection problems with backoff.
+
+        A NOSCRIPT error means the server restarted between the pipeline loading its Lua scripts and
+        running them (redis-py reconnects and replays the transaction without reloading them), so part
+        of the batch may have run: the whole batch runs again (the next attempt reloads the scripts).
+        Every effect tolerates that, as it tolerates a redelivery (replies and claims are deduplicated
+        by id, acks and deletes are idempotent).
+        """
         for attempt in range(attempts):
             try:
                 await fn()
                 return
-            except (RedisConnectionError, RedisTimeoutError, OSError) as e:
+            except (RedisConnectionError, RedisTimeoutError, OSError, NoScriptError) as e:
                 delay = min(2.0, 0.05 * 2**attempt) * (0.5 + random.random())
                 log.warning("%s: write failed (%s); retrying in %.2fs", self.spec.actor, e, delay)
                 await asyncio.sleep(delay)

@@ -122,3 +122,39 @@ async def test_decode_errors_dead_letter_at_once(aclient: aioredis.Redis, names:
     [(_, fields)] = await aclient.xrange(names.dead)
     assert fields[b"reason"] == b"bad message payload: test"
     assert fields[b"actor"] == b"test"
+
+
+async def test_a_commit_survives_a_server_that_lost_its_scripts(aclient: aioredis.Redis, names: Names,
+                                                                settings: Settings, monkeypatch) -> None:
+    """A restarted server has no Lua scripts: redis-py replays the transaction after reconnecting without
+    reloading them (NOSCRIPT). The consumer runs the batch again instead of dying, and the effect lands."""
+    from redis.asyncio.client import Pipeline
+
+    stream, key = f"{names.prefix}in", f"{names.prefix}scripted"
+    script = aclient.register_script("redis.call('SET', KEYS[1], ARGV[1]) return 1")
+    await aclient.xadd(stream, {"n": "7"})
+    original = Pipeline.load_scripts
+    flushed: list[bool] = []
+
+    async def load_then_lose(self: Pipeline) -> None:  # the server restarts right after the scripts were loaded
+        await original(self)
+        if not flushed:
+            flushed.append(True)
+            await aclient.script_flush()
+
+    monkeypatch.setattr(Pipeline, "load_scripts", load_then_lose)
+
+    def set_by_script(pipe: Pipeline, value: str) -> None:
+        pipe.scripts.add(script)  # type: ignore[arg-type]
+        pipe.evalsha(script.sha, 1, key, value)
+
+    async def handler(entry: Entry) -> Effects:
+        return Effects().call(lambda p: set_by_script(p, entry.fields[b"n"].decode()))
+
+    consumer = _consumer(aclient, names, settings, "c1", handler)
+
+    async def done() -> bool:
+        return await aclient.get(key) == b"7" and (await aclient.xpending(stream, "g"))["pending"] == 0
+
+    await _run_until(consumer, done)
+    assert flushed, "the first commit ran against a server without the script"
