@@ -65,16 +65,12 @@ class Executor:
                 out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
         # The monitor already found exact hits (and the decision says so); the rest are looked up here, since
         # an identical query may have been answered meanwhile, and the semantic cache needs the domain.
-        hits: list[Hit | None] = [None] * len(planned)
-        todo = [k for k, (_, p) in enumerate(planned) if not p.exact_hit]
-        found = await self.cache.lookup_many([(planned[k][1].query, planned[k][1].embedding, planned[k][1].domain)
-                                              for k in todo]) if todo else []
-        for k, hit in zip(todo, found, strict=True):
-            hits[k] = hit
+        looked_up = iter(await self.cache.lookup_many([(p.query, p.embedding, p.domain)
+                                                       for _, p in planned if not p.exact_hit]))
         now_ms = time.time() * 1000
-        for k, (i, p) in enumerate(planned):
+        for i, p in planned:
             try:
-                hit = exact_hit(p.exact_hit) if p.exact_hit else hits[k]
+                hit = exact_hit(p.exact_hit) if p.exact_hit else next(looked_up)
             except DecodeError as e:  # the monitor checked it, so only a tampered message gets here
                 out[i].dead_letter(self.names, entries[i], str(e), "executor", self.settings.streams.dead_maxlen)
                 self._answer_dead(entries[i], str(e), out[i])
