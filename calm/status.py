@@ -104,7 +104,7 @@ async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: f
     """Wait until ``workers`` workers are registered and every model they serve has its routing profile.
 
     ``timeout_s`` bounds the wait without progress: each worker that registers and each model that gets
-    its profile restarts it (embedding a profile of 1,000 exemplars takes tens of seconds on a busy core).
+    its profile restarts it (embedding a profile of 2,000 exemplars takes tens of seconds on a busy core).
     """
     redis = client(url, settings.redis)
     kb = KnowledgeBase(redis, Names(settings.redis.prefix))

@@ -6,9 +6,10 @@ cosine. A discriminative layer trained on the very texts that make up the routin
 description, examples, exemplars) separates them far better, the more so with surface features the
 embedder cannot see: hashed character n-grams (indentation, punctuation, identifiers) and line layout.
 
-Training is a class-balanced, one-vs-rest ridge regression solved in its dual form (rows ≪ features):
-deterministic, closed form, seconds for a few thousand rows. The monitor trains it whenever a
-specialist's profile changes and stores it in the KB; the analyzer reads it when its digest changes.
+Training is a class-balanced, one-vs-rest ridge regression in closed form (the dual while there are
+fewer rows than features, the primal beyond): deterministic, seconds for several thousand rows. The
+monitor trains it whenever a specialist's profile changes and stores it in the KB; the analyzer reads
+it when its digest changes.
 A model with only a card (description and a few examples) is a class like any other: no retraining of
 any model, just of this layer, automatically.
 """
@@ -185,7 +186,7 @@ def train(examples: Mapping[str, tuple[Sequence[str], np.ndarray]], ridge: float
     if len(models) < 2:
         raise ValueError("a domain classifier needs at least two models")
     texts = [t for m in models for t in examples[m][0]]
-    x = features(np.vstack([examples[m][1] for m in models]), texts)  # float32: 4 × 1,028 × 4,504 is 74 MB
+    x = features(np.vstack([examples[m][1] for m in models]), texts)  # float32: 4 × 2,050 × 4,504 is 148 MB
     labels = np.concatenate([np.full(len(examples[m][0]), i) for i, m in enumerate(models)])
     counts = np.bincount(labels, minlength=len(models)).astype(np.float64)
     if (counts == 0).any():

@@ -1,8 +1,8 @@
 """Embedded routing profiles kept on disk, so a restarted monitor does not embed the same texts again.
 
 A profile is a pure function of the embedder and the texts (description, examples, exemplars), so
-the file is named by a digest of both. Embedding a demo fleet's 5 × 1,028 profile texts takes about a
-minute of one core; reading them back takes milliseconds. Files are written atomically and the
+the file is named by a digest of both. Embedding a demo fleet's 5 × 2,050 profile texts takes about a
+minute of a busy core; reading them back takes milliseconds. Files are written atomically and the
 oldest are removed beyond ``max_files``; an unreadable file is treated as missing.
 """
 
@@ -55,6 +55,7 @@ class ProfileDiskCache:
 
     def put(self, texts: Sequence[str], matrix: np.ndarray) -> None:
         """Store ``matrix``; a full disk or a read-only cache only costs the next restart its time."""
+        tmp = ""
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd, tmp = tempfile.mkstemp(dir=self.root, suffix=".tmp")
@@ -64,6 +65,8 @@ class ProfileDiskCache:
             self._prune()
         except OSError as e:
             log.warning("cannot cache a routing profile in %s: %s", self.root, e)
+            if tmp:
+                Path(tmp).unlink(missing_ok=True)  # a half-written file (full disk) is not left behind
 
     def _prune(self) -> None:
         files = sorted(self.root.glob("*.npy"), key=lambda p: p.stat().st_mtime)
