@@ -9,9 +9,11 @@ prefetched less than ``min_residency_s`` ago, a pinned one (work waiting or a co
 one worth as much as the model it would make room for; and a request that needs a model nobody holds
 evicts old models before young ones (loaded less than ``min_residency_s`` ago, on demand or by the
 plan), lowest value first, a young one only when nothing else makes room (a waiting request outranks
-residency). Loads the plan wants are prefetches: they happen before the requests come. A model whose
-expected rate exceeds what one copy serves (``capacity_rps``) gets a copy on a second worker, up to
-``max_replicas``.
+residency). When the only room would come from a model worth more than one a moment ago loaded on
+demand that is still busy (loading or serving a one-off request), the request waits for that one
+(bounded) instead of pushing the busier model out. Loads the plan wants are prefetches: they happen
+before the requests come. A model whose expected rate exceeds what one copy serves (``capacity_rps``)
+gets a copy on a second worker, up to ``max_replicas``.
 
 Against a forecast that lags a change of phase (a model whose phase just ended is still forecast
 busy for a while): the forecasters restart their level on counts too unlikely under them
@@ -66,6 +68,7 @@ class ForecastPolicy:
         self._refuted: dict[str, tuple[float, int]] = {}  # model -> (when, its requests then): not to prefetch
         self._expected_at: tuple[float, int, dict[str, float], dict[str, float]] | None = None
         self._settled: tuple[object, ...] | None = None  # inputs of the last plan that changed nothing
+        self.waiting: dict[str, float] = {}  # model -> since when its request waits for a busy one-off model
 
     # -- forecasting ---------------------------------------------------------------
     def expected(self, models: Iterable[str], now_s: float) -> dict[str, float]:
@@ -125,12 +128,46 @@ class ForecastPolicy:
             return (slot.worker, victim) in young, value, slot.loaded[victim]
 
         actions = place_on_demand(model, slots, memory_mb, pinned, key, "load on demand (lowest forecast makes room)")
+        if self._wait_for_pin(model, actions, slots, memory_mb, set(pinned), worth, now_s):
+            return []
         for action in actions:  # a request pushed out a prefetch before its model was asked for
             if action.kind == "evict" and self._unproven(action.worker, action.model) \
                     and not self._rising(action.model):
                 self._refuted[action.model] = (now_s, self._fetched[(action.worker, action.model)])
         self.note(actions, now_s)
         return actions
+
+    def _wait_for_pin(self, model: str, actions: list[Action], slots: list[Slot], memory_mb: Mapping[str, float],
+                      pinned: set[str], worth: Mapping[str, float], now_s: float) -> bool:
+        """Whether ``model``'s request should wait for a busy model loaded on demand, not evict ``actions``' victims.
+
+        A model loaded on demand a moment ago (a one-off request's) is pinned while it loads and
+        serves; evicting a busier model instead costs that model's next request a cold load. When
+        such a pinned model is worth less than every victim and its memory would make the room, the
+        request waits (``place`` returns nothing; the caller asks again) for at most two of its load
+        times plus two planning intervals.
+        """
+        victims = [a for a in actions if a.kind == "evict"]
+        if not victims:
+            self.waiting.pop(model, None)
+            return False
+        bar = min(worth.get(a.model, 0.0) for a in victims)
+        slot = next(s for s in slots if s.worker == victims[0].worker)
+        busy = [m for m in slot.loaded if m in pinned and m != model and worth.get(m, 0.0) < bar
+                and not self._loaded_at.get((slot.worker, m), (0.0, True))[1]]
+        room = slot.free_mb(memory_mb) + sum(memory_mb.get(m, 0.0) for m in busy)
+        if not busy or room < memory_mb.get(model, 0.0):
+            self.waiting.pop(model, None)
+            return False
+        cap = 2 * max(self.costs.load_s.get(m, self.costs.default_load_s) for m in busy) \
+            + 2 * self.settings.interval_ms / 1000
+        since = self.waiting.get(model)
+        if since is None or now_s - since > 2 * cap:  # a new wait (an old entry is from an earlier one)
+            since = self.waiting[model] = now_s
+        if now_s - since < cap:
+            return True
+        self.waiting.pop(model, None)
+        return False
 
     def plan(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
              pinned: Iterable[str] = ()) -> list[Action]:
@@ -201,8 +238,10 @@ class ForecastPolicy:
 
         For the plan, a prefetch is young. For a request that needs room (``on_demand``), so is a
         load on demand (this policy's, or one the caller ``note``-d) of a model the forecast expects
-        at least ``prefetch_min_requests`` of: two models asked for in turn do not evict each other
-        while an old model could go instead. The plan may still undo a load on demand at once when
+        at least ``prefetch_min_requests`` of and that was asked for at least twice in the last
+        ``min_residency_s``: two models asked for in turn do not evict each other while an old model
+        could go instead, but the model of a one-off request (whose single request alone lifts its
+        forecast) is the first to go. The plan may still undo a load on demand at once when
         the forecast says the room is worth more to another model (a one-off request's model goes
         again as soon as the busy model it displaced is back). A model found resident without a
         noted load (loaded before this policy started) is old.
@@ -218,7 +257,8 @@ class ForecastPolicy:
         floor = self.settings.prefetch_min_requests
         if not on_demand:
             return {k for k, by_plan in recent.items() if by_plan}
-        return {k for k, by_plan in recent.items() if by_plan or expected.get(k[1], 0.0) >= floor}
+        return {k for k, by_plan in recent.items() if by_plan or (
+            expected.get(k[1], 0.0) >= floor and self.demand.window(k[1], now_s, span) >= 2)}
 
     def _entries(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float, keep: set[str],
                  young: set[tuple[str, str]]) -> list[Entry]:

@@ -188,6 +188,9 @@ class Scheduler:
             return []
         actions = self.policy.place(model, self._slots(), self._memory(), time.time(), self._pinned())
         if not actions and not self._resident(model):
+            if model in getattr(self.policy, "waiting", {}):
+                log.debug("%s (%s) waits for a busy model loaded on demand to make room", model, reason)
+                return actions
             now_ms = time.time() * 1000
             backing_off = any(m == model and f.retry_ms > now_ms for (_, m), f in self.failed.items())
             log.log(logging.DEBUG if backing_off else logging.WARNING,

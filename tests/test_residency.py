@@ -355,6 +355,7 @@ def test_forecast_request_evicts_an_old_model_before_one_just_loaded_on_demand()
     slot = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0})
     _apply(policy.place("c", [slot], mem, now_s=60.0), [slot], 60.0)
     assert set(slot.loaded) == {"a", "b", "c"}
+    demand.add("c", 60.5)  # asked for again since its load: c's demand goes on
     # d is asked for within c's minimum residency: c has the lowest forecast, but a (old) goes instead.
     actions = policy.place("d", [slot], mem, now_s=61.0)
     assert [(a.kind, a.model) for a in actions] == [("evict", "a"), ("load", "d")]
@@ -365,6 +366,59 @@ def test_forecast_request_evicts_an_old_model_before_one_just_loaded_on_demand()
         demand.add("c", bucket * 10 + 2, n=3)
     later = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0, "c": 61.0})
     assert policy.place("d", [later], mem, now_s=95.0)[0].model == "c"
+
+
+def _busy_pair() -> tuple[Demand, dict[str, float]]:
+    """a and b asked for 9 times per 10-s bucket from 0 s to 70 s; c and d never before."""
+    demand = Demand(10.0)
+    for bucket in range(7):
+        demand.add("a", bucket * 10 + 1, n=9)
+        demand.add("b", bucket * 10 + 1, n=9)
+    return demand, {"a": 1.0, "b": 1.0, "c": 1.0, "d": 1.0}
+
+
+def test_forecast_model_of_a_one_off_request_is_the_first_to_go() -> None:
+    # c is loaded on demand for one request and not asked for again: a request for d evicts c, not a busy model.
+    demand, mem = _busy_pair()
+    policy = ForecastPolicy(SchedulerSettings(min_residency_s=30.0), demand)
+    slot = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0})
+    demand.add("c", 60.0)
+    _apply(policy.place("c", [slot], mem, now_s=60.0), [slot], 60.0)
+    demand.add("d", 61.0)
+    actions = policy.place("d", [slot], mem, now_s=61.0)
+    assert [(a.kind, a.model) for a in actions] == [("evict", "c"), ("load", "d")]
+
+
+def test_forecast_request_waits_for_a_busy_one_off_model_rather_than_evict_a_busy_one() -> None:
+    demand, mem = _busy_pair()
+    costs = ModelCosts(load_s={m: 2.0 for m in mem})
+    settings = SchedulerSettings(min_residency_s=30.0, interval_ms=1000)
+    policy = ForecastPolicy(settings, demand, costs)
+    slot = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0})
+    demand.add("c", 60.0)
+    _apply(policy.place("c", [slot], mem, now_s=60.0), [slot], 60.0)
+    demand.add("d", 60.5)
+    # c still loads (pinned): d waits for it instead of pushing out a or b ...
+    assert policy.place("d", [slot], mem, now_s=60.5, pinned={"c"}) == []
+    assert "d" in policy.waiting
+    # ... and takes c's room once c is done.
+    actions = policy.place("d", [slot], mem, now_s=62.5)
+    assert [(a.kind, a.model) for a in actions] == [("evict", "c"), ("load", "d")]
+    assert "d" not in policy.waiting
+    # The wait is bounded (two of c's loads and two intervals: 6 s): a model that stays busy is not waited for.
+    demand.add("c", 63.0)
+    _apply(actions, [slot], 62.5)
+    _apply([Action("evict", "w1", "d", "test"), Action("load", "w1", "c", "test")], [slot], 63.0)
+    policy.note([Action("load", "w1", "c", "test")], 63.0)
+    demand.add("d", 63.5)
+    assert policy.place("d", [slot], mem, now_s=63.5, pinned={"c"}) == []
+    assert policy.place("d", [slot], mem, now_s=68.0, pinned={"c"}) == []
+    late = policy.place("d", [slot], mem, now_s=69.6, pinned={"c"})
+    assert [a.kind for a in late] == ["evict", "load"] and late[0].model in {"a", "b"}
+    # A busy model loaded by the plan (or resident from before) is never waited for.
+    fresh = ForecastPolicy(settings, demand, costs)
+    held = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0, "c": 70.0})
+    assert fresh.place("d", [held], mem, now_s=70.5, pinned={"c"})[0].model in {"a", "b"}
 
 
 def test_forecast_plan_never_evicts_a_model_with_backlog_or_one_worth_more() -> None:
