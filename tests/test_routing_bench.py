@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -38,3 +39,42 @@ def test_cli_prints_json(tiny_fleet: Path) -> None:
     report = json.loads(done.stdout)
     assert report["routing"]["exemplars"]["queries"] == 40
     assert report["routing"]["classifier"]["queries"] == 40
+
+
+def test_a_held_out_draw_routes_fresh_prompts_of_each_domain(tiny_fleet: Path) -> None:
+    from calm.bench.routing import drawn_prompts, eval_prompts
+    from workers.fleet.spec import load_fleet
+
+    fleet = load_fleet(tiny_fleet)
+    drawn = drawn_prompts(fleet, 50, seed=7)
+    own = eval_prompts(fleet)
+    assert set(drawn) == set(own) == {"arithmetic", "sorting"}
+    for domain, prompts in drawn.items():
+        assert len(prompts) == len(set(prompts)) == 50
+        assert not set(prompts) & set(own[domain])  # none of the fleet's own eval prompts
+    assert drawn_prompts(fleet, 50, seed=7) == drawn  # seeded
+    assert drawn_prompts(fleet, 50, seed=8) != drawn
+    report = run(tiny_fleet, draw=50, draw_seed=7)
+    assert report["prompts"] == {"source": "held-out draw", "per_domain": 50, "seed": 7}
+    for variant in report["routing"].values():
+        assert {d: s["queries"] for d, s in variant["domains"].items()} == {"arithmetic": 50, "sorting": 50}
+
+
+def test_a_draw_needs_a_fleet_built_from_a_known_recipe(tiny_fleet: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from calm.bench.routing import DrawError, drawn_prompts
+    from workers.fleet.spec import load_fleet
+
+    copy = tmp_path / "fleet"
+    shutil.copytree(tiny_fleet, copy, symlinks=True)
+    toml = copy / "fleet.toml"
+    text, n = re.subn(r'recipe_hash = "[0-9a-f]+"', f'recipe_hash = "{"0" * 64}"', toml.read_text())
+    assert n == 1
+    toml.write_text(text)  # as if built by hand, or from a recipe this version does not know
+    with pytest.raises(DrawError, match="known profile"):
+        drawn_prompts(load_fleet(copy), 10, seed=1)
+    done = subprocess.run([sys.executable, "-m", "calm", "bench", "routing", "--fleet", str(copy), "--draw", "10"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and "known profile" in done.stderr
+

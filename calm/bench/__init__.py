@@ -54,6 +54,9 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     add_common(rout)
     rout.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
     rout.add_argument("--limit", type=int, help="at most this many prompts per domain")
+    rout.add_argument("--draw", type=int, help="route this many fresh held-out prompts per domain instead of the "
+                      "fleet's eval sets (drawn from the same held-out split, another seed)")
+    rout.add_argument("--draw-seed", type=int, default=1, help="seed of the --draw sample (default 1)")
     rout.add_argument("--json", action="store_true", help="print the results as JSON")
     res = sub.add_parser("residency", help="replay an arrival trace through every residency policy",
                          description=RESIDENCY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -102,16 +103,48 @@ def build_router(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, set
     return Router(StackedProfiles(profiles), classifier)
 
 
+class DrawError(ValueError):
+    """Fresh held-out prompts cannot be drawn for this fleet."""
+
+
+def eval_prompts(fleet: Fleet, limit: int | None = None) -> dict[str, list[str]]:
+    """The fleet's own held-out eval prompts of every domain that has a specialist (at most ``limit`` each)."""
+    served = set(specialists(fleet).values())
+    return {domain: [item.prompt for item in read_eval_set(path)][:limit]
+            for domain, path in sorted(fleet.eval_sets.items()) if domain in served}
+
+
+def drawn_prompts(fleet: Fleet, per_domain: int, seed: int) -> dict[str, list[str]]:
+    """``per_domain`` fresh prompts per specialist domain from the held-out split of the fleet's recipe.
+
+    The same held-out documents (or generators) as the fleet's eval sets, another draw: a larger
+    sample than the eval sets, and one no routing setting was tuned on when ``seed`` is new. Prompts
+    already in the fleet's eval sets are left out. Needs a fleet built from a known profile.
+    """
+    from workers.fleet.data import get_domain
+    from workers.fleet.profiles import PROFILES
+    from workers.fleet.recipes import recipe_hash
+
+    recipe = PROFILES.get(fleet.profile)
+    if recipe is None or recipe_hash(recipe) != fleet.recipe_hash:
+        raise DrawError(f"{fleet.root}: not built from a known profile's recipe (profile {fleet.profile!r}); "
+                        "--draw needs a fleet from `calm fleet build`")
+    own = eval_prompts(fleet)
+    out: dict[str, list[str]] = {}
+    for domain in sorted(set(specialists(fleet).values()) & set(recipe.domains)):
+        seen = set(own.get(domain, ()))
+        items = get_domain(domain, recipe.data).eval_items(per_domain + len(seen), seed)
+        out[domain] = [item.prompt for item in items if item.prompt not in seen][:per_domain]
+    return out
+
+
 def evaluate(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, settings: PlannerSettings,
-             limit: int | None = None) -> dict[str, DomainResult]:
-    """Route every held-out prompt of every domain that has a specialist; count where each went."""
+             prompts_by_domain: dict[str, list[str]]) -> dict[str, DomainResult]:
+    """Route every prompt of every domain; count where each went (right: that domain's specialist)."""
     domain_of = specialists(fleet)
     router = build_router(fleet, embedder, variant, settings)
     results: dict[str, DomainResult] = {}
-    for domain, path in sorted(fleet.eval_sets.items()):
-        if domain not in domain_of.values():
-            continue
-        prompts = [item.prompt for item in read_eval_set(path)][:limit]
+    for domain, prompts in prompts_by_domain.items():
         result = results.setdefault(domain, DomainResult())
         for start in range(0, len(prompts), BATCH):
             batch = prompts[start:start + BATCH]
@@ -133,21 +166,35 @@ def summary(results: dict[str, DomainResult], keep_misrouted: int = 5) -> dict[s
             "domains": {d: r.to_json(keep_misrouted) for d, r in results.items()}}
 
 
-def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | None = None) -> dict[str, Any]:
-    """Every variant on one fleet: ``{"routing": {VARIANT: SUMMARY, …}, "fleet": …}``."""
+def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | None = None,
+        draw: int | None = None, draw_seed: int = 1) -> dict[str, Any]:
+    """Every variant on one fleet: ``{"routing": {VARIANT: SUMMARY, …}, "prompts": …, "fleet": …}``.
+
+    The prompts are the fleet's eval sets, or with ``draw`` that many fresh held-out prompts per domain.
+    """
     settings = settings or PlannerSettings()
     fleet = load_fleet(fleet_dir)
+    if draw:
+        prompts = drawn_prompts(fleet, draw, draw_seed)
+        source = {"source": "held-out draw", "per_domain": draw, "seed": draw_seed}
+    else:
+        prompts = eval_prompts(fleet, limit)
+        source = {"source": "fleet eval sets", "limit": limit}
     embedder = SentenceEmbedder(embedder_dir(fleet.root))
-    routing = {name: summary(evaluate(fleet, embedder, v, settings, limit)) for name, v in VARIANTS.items()}
+    routing = {name: summary(evaluate(fleet, embedder, v, settings, prompts)) for name, v in VARIANTS.items()}
     exemplar_counts = {c.name: len(fleet.exemplars(c)) for c in fleet.models if not c.baseline}
-    return {"routing": routing, "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
+    return {"routing": routing, "prompts": source,
+            "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
 
 
 def print_table(report: dict[str, Any], names: Sequence[str] = tuple(VARIANTS)) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="routing accuracy on held-out prompts (semantic fit only, no QoS)")
+    prompts = report.get("prompts", {})
+    where = f"a held-out draw, seed {prompts['seed']}," if prompts.get("source") == "held-out draw" \
+        else "the fleet's held-out eval sets,"
+    table = Table(title=f"routing accuracy on {where} semantic fit only (no QoS)")
     table.add_column("domain")
     for name in names:
         table.add_column(name.replace("_", " "), justify="right")
@@ -163,11 +210,16 @@ def print_table(report: dict[str, Any], names: Sequence[str] = tuple(VARIANTS)) 
 
 
 def cmd_routing(args: argparse.Namespace) -> int:
-    from calm.cli import EXIT_OK, settings_from
+    from calm.cli import EXIT_OK, EXIT_USAGE, settings_from
     from calm.fleets import fleet_dir
 
     settings = settings_from(args)
-    report = run(fleet_dir(settings, profile=args.profile), settings.planner, limit=args.limit)
+    try:
+        report = run(fleet_dir(settings, profile=args.profile), settings.planner, limit=args.limit,
+                     draw=args.draw, draw_seed=args.draw_seed)
+    except DrawError as e:
+        print(f"calm bench routing: {e}", file=sys.stderr)
+        return EXIT_USAGE
     if args.json:
         print(json.dumps(report, indent=2))
     else:
