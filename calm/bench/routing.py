@@ -119,7 +119,8 @@ def drawn_prompts(fleet: Fleet, per_domain: int, seed: int) -> dict[str, list[st
 
     The same held-out documents (or generators) as the fleet's eval sets, another draw: a larger
     sample than the eval sets, and one no routing setting was tuned on when ``seed`` is new. Prompts
-    already in the fleet's eval sets are left out. Needs a fleet built from a known profile.
+    already in the fleet's eval sets are left out, so a small held-out split (the arithmetic sums)
+    gives fewer. Needs a fleet built from a known profile.
     """
     from workers.fleet.data import get_domain
     from workers.fleet.profiles import PROFILES
