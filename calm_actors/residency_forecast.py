@@ -141,8 +141,8 @@ class ForecastPolicy:
                       pinned: set[str], worth: Mapping[str, float], now_s: float) -> bool:
         """Whether ``model``'s request should wait for a busy model loaded on demand, not evict ``actions``' victims.
 
-        A model loaded on demand a moment ago (a one-off request's) is pinned while it loads and
-        serves; evicting a busier model instead costs that model's next request a cold load. When
+        A model loaded on demand less than ``min_residency_s`` ago (a one-off request's) is pinned
+        while it loads and serves; evicting a busier model instead costs that model's next request a cold load. When
         such a pinned model is worth less than every victim and its memory would make the room, the
         request waits (``place`` returns nothing; the caller asks again) for at most two of its load
         times plus two planning intervals.
@@ -153,8 +153,9 @@ class ForecastPolicy:
             return False
         bar = min(worth.get(a.model, 0.0) for a in victims)
         slot = next(s for s in slots if s.worker == victims[0].worker)
-        busy = [m for m in slot.loaded if m in pinned and m != model and worth.get(m, 0.0) < bar
-                and not self._loaded_at.get((slot.worker, m), (0.0, True))[1]]
+        recent = {m for (w, m), (t, by_plan) in self._loaded_at.items()
+                  if w == slot.worker and not by_plan and now_s - t < self.settings.min_residency_s}
+        busy = [m for m in slot.loaded if m in recent and m in pinned and m != model and worth.get(m, 0.0) < bar]
         room = slot.free_mb(memory_mb) + sum(memory_mb.get(m, 0.0) for m in busy)
         if not busy or room < memory_mb.get(model, 0.0):
             self.waiting.pop(model, None)

@@ -42,7 +42,7 @@ def test_cli_prints_json(tiny_fleet: Path) -> None:
 
 
 def test_a_held_out_draw_routes_fresh_prompts_of_each_domain(tiny_fleet: Path) -> None:
-    from calm.bench.routing import drawn_prompts, eval_prompts
+    from calm.bench.routing import DrawError, drawn_prompts, eval_prompts
     from workers.fleet.spec import load_fleet
 
     fleet = load_fleet(tiny_fleet)
@@ -53,6 +53,8 @@ def test_a_held_out_draw_routes_fresh_prompts_of_each_domain(tiny_fleet: Path) -
         assert len(prompts) == len(set(prompts)) == 50
         assert not set(prompts) & set(own[domain])  # none of the fleet's own eval prompts
     assert drawn_prompts(fleet, 50, seed=7) == drawn  # seeded
+    with pytest.raises(DrawError, match="positive"):
+        drawn_prompts(fleet, 0, seed=7)
     assert drawn_prompts(fleet, 50, seed=8) != drawn
     report = run(tiny_fleet, draw=50, draw_seed=7)
     assert report["prompts"] == {"source": "held-out draw", "per_domain": 50, "seed": 7}

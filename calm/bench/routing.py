@@ -126,6 +126,8 @@ def drawn_prompts(fleet: Fleet, per_domain: int, seed: int) -> dict[str, list[st
     from workers.fleet.profiles import PROFILES
     from workers.fleet.recipes import recipe_hash
 
+    if per_domain <= 0:
+        raise DrawError(f"--draw must be a positive number of prompts per domain, got {per_domain}")
     recipe = PROFILES.get(fleet.profile)
     if recipe is None or recipe_hash(recipe) != fleet.recipe_hash:
         raise DrawError(f"{fleet.root}: not built from a known profile's recipe (profile {fleet.profile!r}); "
@@ -175,7 +177,7 @@ def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | N
     """
     settings = settings or PlannerSettings()
     fleet = load_fleet(fleet_dir)
-    if draw:
+    if draw is not None:
         prompts = drawn_prompts(fleet, draw, draw_seed)
         source = {"source": "held-out draw", "per_domain": draw, "seed": draw_seed}
     else:
