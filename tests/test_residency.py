@@ -415,10 +415,13 @@ def test_forecast_request_waits_for_a_busy_one_off_model_rather_than_evict_a_bus
     assert policy.place("d", [slot], mem, now_s=68.0, pinned={"c"}) == []
     late = policy.place("d", [slot], mem, now_s=69.6, pinned={"c"})
     assert [a.kind for a in late] == ["evict", "load"] and late[0].model in {"a", "b"}
-    # A busy model loaded by the plan (or resident from before) is never waited for.
-    fresh = ForecastPolicy(settings, demand, costs)
+    # A busy model resident from before the policy started, or prefetched by the plan, is never waited for.
     held = Slot("w1", 3.0, frozenset(mem), {"a": 50.0, "b": 50.0, "c": 70.0})
+    fresh = ForecastPolicy(settings, demand, costs)
     assert fresh.place("d", [held], mem, now_s=70.5, pinned={"c"})[0].model in {"a", "b"}
+    planned = ForecastPolicy(settings, demand, costs)
+    planned.note([Action("load", "w1", "c", "prefetch")], 70.0, by_plan=True)
+    assert planned.place("d", [held], mem, now_s=70.5, pinned={"c"})[0].model in {"a", "b"}
 
 
 def test_forecast_plan_never_evicts_a_model_with_backlog_or_one_worth_more() -> None:
