@@ -9,9 +9,9 @@ prefetched less than ``min_residency_s`` ago, a pinned one (work waiting or a co
 one worth as much as the model it would make room for; and a request that needs a model nobody holds
 evicts old models before young ones (loaded less than ``min_residency_s`` ago, on demand or by the
 plan), lowest value first, a young one only when nothing else makes room (a waiting request outranks
-residency). When the only room would come from a model worth more than one a moment ago loaded on
-demand that is still busy (loading or serving a one-off request), the request waits for that one
-(bounded) instead of pushing the busier model out. Loads the plan wants are prefetches: they happen
+residency). When the only room would come from a model worth more than one loaded on demand less
+than ``min_residency_s`` ago that is still busy (loading or serving a one-off request), the request
+waits for that one (bounded) instead of pushing the busier model out. Loads the plan wants are prefetches: they happen
 before the requests come. A model whose expected rate exceeds what one copy serves (``capacity_rps``)
 gets a copy on a second worker, up to ``max_replicas``.
 
@@ -139,36 +139,38 @@ class ForecastPolicy:
 
     def _wait_for_pin(self, model: str, actions: list[Action], slots: list[Slot], memory_mb: Mapping[str, float],
                       pinned: set[str], worth: Mapping[str, float], now_s: float) -> bool:
-        """Whether ``model``'s request should wait for a busy model loaded on demand, not evict ``actions``' victims.
+        """Whether ``model``'s request should wait for a busy one-off model rather than evict ``actions``' victims.
 
         A model loaded on demand less than ``min_residency_s`` ago (a one-off request's) is pinned
-        while it loads and serves; evicting a busier model instead costs that model's next request a cold load. When
-        such a pinned model is worth less than every victim and its memory would make the room, the
-        request waits (``place`` returns nothing; the caller asks again) for at most two of its load
-        times plus two planning intervals.
+        while it loads and serves; evicting a busier model instead costs that model's next request a
+        cold load. When such a pinned model is worth less than every victim and its memory would make
+        the room, the request waits (``place`` returns nothing; the caller asks again) for at most
+        two of its load times plus two planning intervals.
         """
-        victims = [a for a in actions if a.kind == "evict"]
-        if not victims:
-            self.waiting.pop(model, None)
-            return False
-        bar = min(worth.get(a.model, 0.0) for a in victims)
-        slot = next(s for s in slots if s.worker == victims[0].worker)
-        recent = {m for (w, m), (t, by_plan) in self._loaded_at.items()
-                  if w == slot.worker and not by_plan and now_s - t < self.settings.min_residency_s}
-        busy = [m for m in slot.loaded if m in recent and m in pinned and m != model and worth.get(m, 0.0) < bar]
-        room = slot.free_mb(memory_mb) + sum(memory_mb.get(m, 0.0) for m in busy)
-        if not busy or room < memory_mb.get(model, 0.0):
-            self.waiting.pop(model, None)
-            return False
-        cap = 2 * max(self.costs.load_s.get(m, self.costs.default_load_s) for m in busy) \
-            + 2 * self.settings.interval_ms / 1000
+        cap = self._wait_cap(model, actions, slots, memory_mb, pinned, worth, now_s)
         since = self.waiting.get(model)
-        if since is None or now_s - since > 2 * cap:  # a new wait (an old entry is from an earlier one)
-            since = self.waiting[model] = now_s
-        if now_s - since < cap:
-            return True
+        if cap is not None:
+            if since is None or now_s - since > 2 * cap:  # a new wait (an old entry is an earlier wait's)
+                since = self.waiting[model] = now_s
+            if now_s - since < cap:
+                return True
         self.waiting.pop(model, None)
         return False
+
+    def _wait_cap(self, model: str, actions: list[Action], slots: list[Slot], memory_mb: Mapping[str, float],
+                  pinned: set[str], worth: Mapping[str, float], now_s: float) -> float | None:
+        """How long ``model``'s request may wait for busy one-off models to make room (None: it may not)."""
+        victims = [a.model for a in actions if a.kind == "evict"]
+        if not victims:
+            return None
+        bar = min(worth.get(v, 0.0) for v in victims)
+        slot = next(s for s in slots if s.worker == actions[0].worker)
+        one_offs = {m for (w, m), by_plan in self._recent_loads(now_s).items() if w == slot.worker and not by_plan}
+        busy = [m for m in slot.loaded if m in one_offs and m in pinned and m != model and worth.get(m, 0.0) < bar]
+        if not busy or slot.free_mb(memory_mb) + sum(memory_mb.get(m, 0.0) for m in busy) < memory_mb.get(model, 0.0):
+            return None
+        slowest = max(self.costs.load_s.get(m, self.costs.default_load_s) for m in busy)
+        return 2 * slowest + 2 * self.settings.interval_ms / 1000
 
     def plan(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float,
              pinned: Iterable[str] = ()) -> list[Action]:
@@ -250,16 +252,18 @@ class ForecastPolicy:
         held = {(s.worker, m) for s in slots for m in s.loaded}
         self._loaded_at = {k: v for k, v in self._loaded_at.items() if k in held}
         self._fetched = {k: v for k, v in self._fetched.items() if k in held}
-        span = self.settings.min_residency_s
-        recent = {k: by_plan for k, (t, by_plan) in self._loaded_at.items() if now_s - t < span}
-        if not recent:
-            return set()
-        expected = self.expected({m for _, m in recent}, now_s)
-        floor = self.settings.prefetch_min_requests
-        if not on_demand:
+        recent = self._recent_loads(now_s)
+        if not on_demand or not recent:
             return {k for k, by_plan in recent.items() if by_plan}
+        expected = self.expected({m for _, m in recent}, now_s)
+        floor, span = self.settings.prefetch_min_requests, self.settings.min_residency_s
         return {k for k, by_plan in recent.items() if by_plan or (
             expected.get(k[1], 0.0) >= floor and self.demand.window(k[1], now_s, span) >= 2)}
+
+    def _recent_loads(self, now_s: float) -> dict[tuple[str, str], bool]:
+        """Noted loads less than ``min_residency_s`` old: (worker, model) -> whether the plan made it."""
+        span = self.settings.min_residency_s
+        return {k: by_plan for k, (t, by_plan) in self._loaded_at.items() if now_s - t < span}
 
     def _entries(self, slots: list[Slot], memory_mb: Mapping[str, float], now_s: float, keep: set[str],
                  young: set[tuple[str, str]]) -> list[Entry]:

@@ -24,7 +24,9 @@ from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.scoring import blended_fits, profile_texts
 from calm_actors.similarity import StackedProfiles
-from workers.fleet.data import read_eval_set
+from workers.fleet.data import get_domain, read_eval_set
+from workers.fleet.profiles import PROFILES
+from workers.fleet.recipes import recipe_hash
 from workers.fleet.spec import Fleet, load_fleet
 
 BATCH = 64
@@ -122,10 +124,6 @@ def drawn_prompts(fleet: Fleet, per_domain: int, seed: int) -> dict[str, list[st
     already in the fleet's eval sets are left out, so a small held-out split (the arithmetic sums)
     gives fewer. Needs a fleet built from a known profile.
     """
-    from workers.fleet.data import get_domain
-    from workers.fleet.profiles import PROFILES
-    from workers.fleet.recipes import recipe_hash
-
     if per_domain <= 0:
         raise DrawError(f"--draw must be a positive number of prompts per domain, got {per_domain}")
     recipe = PROFILES.get(fleet.profile)
