@@ -31,6 +31,7 @@ class Run:
     pinned: str | None = None
     notes: list[str] = field(default_factory=list)
     events: list[dict[str, Any]] = field(default_factory=list)  # worker events recorded during the run
+    cpu_s: dict[str, float] = field(default_factory=dict)  # CPU seconds per system process during the replay
 
 
 async def replay(client: aioredis.Redis, names: Names, items: Sequence[Item], strategy: str, pin: str | None = None,

@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from calm.report import percentile, quality_of
+from calm.roles import ROLES
+from workers.energy import DEFAULT_WATTS_PER_CORE
 
 pytestmark = pytest.mark.slow
 STATS = ("queries", "latency_p50_ms", "latency_p95_ms", "latency_p99_ms", "energy_j_per_query", "energy_source",
@@ -43,6 +45,11 @@ def test_demo_writes_a_report_from_measured_replies(tiny_fleet: Path, redis_url:
         assert overall["latency_p99_ms"] == percentile(latencies, 99)
         energy = sum(float(r["reply"]["energy_j"]) for r in mine) / len(mine)
         assert overall["energy_j_per_query"] == pytest.approx(energy, rel=1e-3)
+        control = sum(overall["cpu_s"][role] for role in ROLES) * DEFAULT_WATTS_PER_CORE / len(mine)
+        assert control > 0, "the control plane's processes were measured"
+        assert overall["control_energy_j_per_query"] == pytest.approx(control, rel=1e-3, abs=1e-5)
+        assert overall["energy_all_in_j_per_query"] == pytest.approx(energy + control, rel=1e-3, abs=1e-5)
+        assert overall["cpu_s"]["worker-1"] > 0
         quality = [quality_of(r["domain"], r["reply"]["text"], r["reference"]) for r in mine]
         assert overall["quality"] == pytest.approx(sum(quality) / len(quality), abs=1e-4)
         for domain, stats in strategy["domains"].items():

@@ -13,6 +13,7 @@ import redis.asyncio as aioredis
 from broker.config import Settings
 from broker.connection import client as make_client
 from broker.names import Names
+from calm.bench import cputime
 from calm.bench.events import worker_events
 from calm.loadgen import Run, replay
 from calm.report import comparison, machine_info, strategy_report
@@ -93,10 +94,12 @@ async def run_strategy(settings: Settings, url: str, fleet_dir: Path, items: lis
     sets = (*spec.sets, *options.extra_sets, f"log.level={options.child_log_level}")
     system = SystemSpec(workers=options.workers, passthrough=tuple(f"--set={s}" for s in sets))
     try:
-        async with running_system(run_settings, url, fleet_dir, system):
+        async with running_system(run_settings, url, fleet_dir, system) as supervisor:
             await warm_up(client, names, fleet)
+            before = cputime.snapshot(supervisor.pids())
             run = await replay(client, names, items, spec.name, pin=baseline.name if spec.pin_baseline and baseline
                                else None, timeout_s=options.timeout_s, progress=options.progress)
+            run.cpu_s = cputime.used_between(before, cputime.snapshot(supervisor.pids()))
             await asyncio.sleep(0.5)
             run.events = await worker_events(client, names)
             loads = model_loads(run.events)
@@ -118,7 +121,7 @@ async def run_bench(settings: Settings, url: str, fleet_dir: Path, items: list[I
     for name in strategies:
         run, loads = await run_strategy(settings, url, fleet_dir, items, STRATEGIES[name], options)
         runs[name] = run
-        reports[name] = strategy_report(run, loads)
+        reports[name] = strategy_report(run, loads, settings.worker.watts_per_core)
         reports[name]["about"] = STRATEGIES[name].about
     baseline = fleet.baseline()
     report: dict[str, Any] = {
