@@ -190,6 +190,11 @@ class KnowledgeBase:
         raw = await self.client.hget(self.names.classifier, "digest")
         return _s(raw) if raw else ""
 
+    async def classifier_models(self) -> list[str]:
+        """The models the stored domain classifier tells apart ([] when there is none)."""
+        raw = await self.client.hget(self.names.classifier, "models")
+        return [str(m) for m in json.loads(_s(raw))] if raw else []
+
     async def classifier(self) -> tuple[str, bytes] | None:
         """The stored domain classifier as (digest, blob), or None."""
         digest, blob = await self.client.hmget(self.names.classifier, ["digest", "blob"])

@@ -101,7 +101,8 @@ def _num(value: float | None, digits: int = 1) -> str:
 
 
 async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: float = 120.0) -> None:
-    """Wait until ``workers`` workers are registered and every model they serve has its routing profile.
+    """Wait until ``workers`` workers are registered, every model they serve has its routing profile and,
+    with two specialists or more, the monitor has trained the domain classifier on all of them.
 
     ``timeout_s`` bounds the wait without progress: each worker that registers and each model that gets
     its profile restarts it (embedding a profile of 2,000 exemplars takes tens of seconds on a busy core).
@@ -116,14 +117,17 @@ async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: f
             models = await kb.models()
             servable = {m for w in registered.values() for m in w.models_servable}
             unprofiled = sorted(m for m in servable if m not in models or models[m].profile_rows <= 0)
-            if len(registered) >= workers and not unprofiled:
+            specialists = {m for m in servable if m in models and not models[m].baseline}
+            classified = len(specialists) < 2 or set(await kb.classifier_models()) == specialists
+            if len(registered) >= workers and not unprofiled and classified:
                 return
-            done = len(registered) + len(servable) - len(unprofiled)
+            done = len(registered) + len(servable) - len(unprofiled) + int(classified)
             if done > progress:
                 progress, deadline = done, time.monotonic() + timeout_s
             if time.monotonic() > deadline:
                 raise TimeoutError(f"models not routable: no progress for {timeout_s:.0f}s: {len(registered)}/"
-                                   f"{workers} workers, unprofiled {unprofiled}")
+                                   f"{workers} workers, unprofiled {unprofiled}"
+                                   + ("" if classified else ", domain classifier not trained yet"))
             await asyncio.sleep(0.1)
     finally:
         await redis.aclose()
