@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any
 
 from calm.loadgen import Run
-from calm.roles import ROLES
 from workers.energy import DEFAULT_WATTS_PER_CORE
 from workers.fleet.quality import metric_for, score
 
@@ -65,28 +64,29 @@ def stats(rows: list[dict[str, Any]], duration_s: float, cold_loads: int) -> dic
     }
 
 
-def control_plane(cpu_s: dict[str, float], replied: int, inference_j: float | None,
+def control_plane(cpu_s: dict[str, float], roles: Sequence[str], replied: int, inference_j: float | None,
                   watts_per_core: float) -> dict[str, Any]:
-    """What the control plane (the MAPE-K actors and the scheduler) cost during a run, as an energy estimate.
+    """What the control plane (the processes named ``roles``) cost during a run, as an energy estimate.
 
     Per-query inference energy leaves out the processes that route, cache and schedule; this adds their
     CPU seconds × ``watts_per_core`` per replied query, so strategies compare on all the energy they cause.
+    Unknown (None) when a role was not measured or nothing was replied.
     """
-    actors = {name: cpu_s[name] for name in ROLES if name in cpu_s}
-    if len(actors) < len(ROLES) or replied == 0:
+    if not roles or any(role not in cpu_s for role in roles) or replied == 0:
         return {"control_cpu_s": None, "control_energy_j_per_query": None, "energy_all_in_j_per_query": None}
-    control = sum(actors.values()) * watts_per_core / replied
-    return {"control_cpu_s": round(sum(actors.values()), 3),
+    seconds = sum(cpu_s[role] for role in roles)
+    control = seconds * watts_per_core / replied
+    return {"control_cpu_s": round(seconds, 3),
             "control_energy_j_per_query": round(control, 5),
             "energy_all_in_j_per_query": round(control + inference_j, 5) if inference_j is not None else None}
 
 
-def strategy_report(run: Run, loads: Iterable[tuple[float, str]],
+def strategy_report(run: Run, loads: Iterable[tuple[float, str]], control_roles: Sequence[str] = (),
                     watts_per_core: float = DEFAULT_WATTS_PER_CORE) -> dict[str, Any]:
     """Overall and per-domain STATS of one run; ``loads`` are (ms, model) cold loads seen during it.
 
-    The overall STATS also say what the control plane cost (``control_plane``) when the run recorded
-    its processes' CPU seconds.
+    The overall STATS also say what the control plane (the processes named ``control_roles``) cost,
+    from the CPU seconds the run recorded (``control_plane``).
     """
     rows: list[dict[str, Any]] = []
     for qid, item in zip(run.ids, run.items, strict=True):
@@ -97,8 +97,8 @@ def strategy_report(run: Run, loads: Iterable[tuple[float, str]],
     duration_s = (run.ended_ms - run.started_ms) / 1000
     out: dict[str, Any] = {"overall": stats(rows, duration_s, len(window)), "domains": {}}
     overall = out["overall"]
-    overall.update(control_plane(run.cpu_s, overall["replied"] - overall["errors"], overall["energy_j_per_query"],
-                                 watts_per_core))
+    overall.update(control_plane(run.cpu_s, control_roles, overall["replied"] - overall["errors"],
+                                 overall["energy_j_per_query"], watts_per_core))
     overall["cpu_s"] = dict(run.cpu_s)
     for domain in sorted({r["item"].domain for r in rows}):
         mine = [r for r in rows if r["item"].domain == domain]

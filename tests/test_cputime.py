@@ -49,7 +49,7 @@ def test_snapshot_reads_live_processes_only() -> None:
 
 def test_control_plane_share_is_actor_seconds_times_watts_per_reply() -> None:
     cpu = {role: 0.5 for role in ROLES} | {"worker-1": 9.0}
-    out = control_plane(cpu, replied=10, inference_j=0.2, watts_per_core=15.0)
+    out = control_plane(cpu, ROLES, replied=10, inference_j=0.2, watts_per_core=15.0)
     assert out["control_cpu_s"] == pytest.approx(0.5 * len(ROLES))
     assert out["control_energy_j_per_query"] == pytest.approx(0.5 * len(ROLES) * 15.0 / 10)
     assert out["energy_all_in_j_per_query"] == pytest.approx(0.2 + 0.5 * len(ROLES) * 15.0 / 10)
@@ -57,5 +57,6 @@ def test_control_plane_share_is_actor_seconds_times_watts_per_reply() -> None:
 
 def test_control_plane_is_unknown_when_an_actor_was_not_measured() -> None:
     cpu = {role: 0.5 for role in ROLES[1:]}
-    assert control_plane(cpu, replied=10, inference_j=0.2, watts_per_core=15.0)["energy_all_in_j_per_query"] is None
-    assert control_plane({r: 0.5 for r in ROLES}, 0, 0.2, 15.0)["control_energy_j_per_query"] is None
+    assert control_plane(cpu, ROLES, 10, 0.2, 15.0)["energy_all_in_j_per_query"] is None
+    assert control_plane({r: 0.5 for r in ROLES}, ROLES, 0, 0.2, 15.0)["control_energy_j_per_query"] is None
+    assert control_plane({r: 0.5 for r in ROLES}, (), 10, 0.2, 15.0)["control_cpu_s"] is None

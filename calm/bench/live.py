@@ -17,6 +17,7 @@ from calm.bench import cputime
 from calm.bench.events import worker_events
 from calm.loadgen import Run, replay
 from calm.report import comparison, machine_info, strategy_report
+from calm.roles import ROLES
 from calm.system import SystemSpec, running_system
 from calm.workload import Item
 from workers.fleet.spec import Fleet, load_fleet
@@ -121,7 +122,7 @@ async def run_bench(settings: Settings, url: str, fleet_dir: Path, items: list[I
     for name in strategies:
         run, loads = await run_strategy(settings, url, fleet_dir, items, STRATEGIES[name], options)
         runs[name] = run
-        reports[name] = strategy_report(run, loads, settings.worker.watts_per_core)
+        reports[name] = strategy_report(run, loads, ROLES, settings.worker.watts_per_core)
         reports[name]["about"] = STRATEGIES[name].about
     baseline = fleet.baseline()
     report: dict[str, Any] = {
