@@ -62,7 +62,8 @@ def test_queries_get_one_complete_reply_from_their_specialist(tiny_fleet: Path, 
         for name in REPLY_FIELDS:
             assert name in reply, f"reply lacks {name}"
         assert reply["status"] == "ok", reply
-        assert reply["model"] == _specialist(tiny_fleet, domain), (qid, reply["model"])
+        assert reply["model"] == _specialist(tiny_fleet, domain), (qid, reply["model"], reply.get("attempts"),
+                                                                    reply.get("reason"))
         assert reply["cached"] == "0"
         assert reply["energy_source"] in ("nvml", "rapl", "estimate")
         assert float(reply["latency_ms"]) >= float(reply["inference_ms"]) > 0
