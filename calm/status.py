@@ -118,7 +118,8 @@ async def wait_routable(settings: Settings, url: str, workers: int, timeout_s: f
             servable = {m for w in registered.values() for m in w.models_servable}
             unprofiled = sorted(m for m in servable if m not in models or models[m].profile_rows <= 0)
             specialists = {m for m in servable if m in models and not models[m].baseline}
-            classified = len(specialists) < 2 or set(await kb.classifier_models()) == specialists
+            # the classifier is trained on the profiles: no need to ask for it while any is missing
+            classified = len(specialists) < 2 or (not unprofiled and set(await kb.classifier_models()) == specialists)
             if len(registered) >= workers and not unprofiled and classified:
                 return
             done = len(registered) + len(servable) - len(unprofiled) + int(classified)
