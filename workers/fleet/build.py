@@ -3,9 +3,9 @@
 The cache entry is `<cache_dir>/fleets/<profile>-<hash12>/`; a hit returns at once and imports no
 torch. A miss takes a per-entry file lock (one build at a time; waiters then find it built), builds
 into a temporary sibling directory and renames it into place, so a crashed build never leaves a
-half-written fleet under the final name. Models are built in worker processes (one math thread
-each on a small CPU): tiny models training side by side finish sooner than one after another
-with more threads each.
+half-written fleet under the final name. Models are built in worker processes, side by side with
+one math thread each when that finishes first (small models of similar cost), or one after another
+with every thread when one model outweighs the rest (the demo's baseline).
 """
 
 from __future__ import annotations
@@ -52,7 +52,8 @@ def build_fleet(
 
     With `out`, the fleet is also copied there and `out` is returned. `steps_scale` shrinks every
     model's training steps (for tests; it changes the recipe hash). `workers` is the number of
-    build processes (default: one per CPU, at most one per job); each gets CPUs / workers threads.
+    build processes (default: the split of CPUs into processes and threads that should finish first,
+    see `runner.plan_workers`); each gets CPUs / workers threads.
     Worker processes are spawned, so a script calling this with `workers` > 1 needs the usual
     `if __name__ == "__main__":` guard; `workers=1` builds in this process.
     """

@@ -125,8 +125,8 @@ def demo() -> FleetRecipe:
     """
     arith = _pair_model("arith", "arithmetic", ARITH_DESC, ARITH_EXAMPLES, steps=1000)
     sort = _pair_model("sort", "sorting", SORT_DESC, SORT_EXAMPLES, steps=1000)
-    code = _text_model("code", CODE_DESC, CODE_EXAMPLES, steps=900)
-    prose = _text_model("prose", PROSE_DESC, PROSE_EXAMPLES, steps=900)
+    code = _text_model("code", CODE_DESC, CODE_EXAMPLES, steps=1800)
+    prose = _text_model("prose", PROSE_DESC, PROSE_EXAMPLES, steps=1800)
     general = _generalist(
         (arith, sort, code, prose), hidden=224, layers=6, heads=4, intermediate=640, lr=2e-3, seed=0, max_positions=512
     )
