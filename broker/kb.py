@@ -114,6 +114,18 @@ class WorkerState:
         return self.state != "stopped" and now_ms - self.heartbeat_ms <= timeout_s * 1000
 
 
+@dataclass(frozen=True, slots=True)
+class FleetSnapshot:
+    """Registered models and workers, their work streams' backlogs and the classifier's digest, read together."""
+
+    model_names: tuple[str, ...] = ()  # every registered name (a model whose hash is gone is not in `models`)
+    worker_ids: tuple[str, ...] = ()
+    models: dict[str, ModelState] = field(default_factory=dict)
+    workers: dict[str, WorkerState] = field(default_factory=dict)
+    backlogs: dict[str, int] = field(default_factory=dict)  # per model: entries waiting or in flight for workers
+    classifier_digest: str = ""
+
+
 class KnowledgeBase:
     """Typed reads and pipelined writes of CALM's shared knowledge."""
 
@@ -284,6 +296,61 @@ class KnowledgeBase:
         rows = await pipe.execute()
         return {wid: _worker_state(wid, row) for wid, row in zip(ids, rows, strict=True) if row}
 
+    # -- the fleet at once -----------------------------------------------------------
+    async def snapshot(self, previous: FleetSnapshot | None = None) -> FleetSnapshot:
+        """Models, workers, backlogs and the classifier's digest in one pipelined round trip.
+
+        The reads are those of `previous`'s models and workers, with both sets' members: when the sets
+        have changed since, a second round trip reads the new ones.
+        """
+        model_names, worker_ids = (previous.model_names, previous.worker_ids) if previous else ((), ())
+        for _ in range(2):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.smembers(self.names.models)
+            pipe.smembers(self.names.workers)
+            pipe.hget(self.names.classifier, "digest")
+            for name in model_names:
+                pipe.hgetall(self.names.model(name))
+                pipe.xinfo_groups(self.names.work(name))
+            for worker_id in worker_ids:
+                pipe.hgetall(self.names.worker(worker_id))
+            rows: list[Any] = await pipe.execute(raise_on_error=False)
+            registered = tuple(sorted(_s(n) for n in _ok(rows[0], set())))
+            joined = tuple(sorted(_s(i) for i in _ok(rows[1], set())))
+            if (registered, joined) == (model_names, worker_ids):
+                break
+            model_names, worker_ids = registered, joined
+        # after two reads of changing sets, the second read's rows stand for the names it asked about
+        model_rows, worker_rows = rows[3 : 3 + 2 * len(model_names)], rows[3 + 2 * len(model_names) :]
+        models: dict[str, ModelState] = {}
+        backlogs: dict[str, int] = {}
+        for i, name in enumerate(model_names):
+            row, backlog = _ok(model_rows[2 * i], {}), self._backlog(model_rows[2 * i + 1])
+            if row:
+                models[name] = _model_state(name, row)
+            if backlog is not None:
+                backlogs[name] = backlog
+        workers = {wid: _worker_state(wid, row) for wid, raw in zip(worker_ids, worker_rows, strict=True)
+                   if (row := _ok(raw, {}))}
+        digest = _ok(rows[2], None)
+        return FleetSnapshot(model_names, worker_ids, models, workers, backlogs, _s(digest) if digest else "")
+
+    async def backlogs(self, models: Sequence[str]) -> dict[str, int]:
+        """Entries waiting or in flight on each model's work stream (models without one are left out)."""
+        pipe = self.client.pipeline(transaction=False)
+        for model in models:
+            pipe.xinfo_groups(self.names.work(model))
+        rows: list[Any] = await pipe.execute(raise_on_error=False) if models else []
+        counts = {model: self._backlog(groups) for model, groups in zip(models, rows, strict=True)}
+        return {model: n for model, n in counts.items() if n is not None}
+
+    def _backlog(self, groups: Any) -> int | None:
+        """Pending plus lag of the workers' group, from an XINFO GROUPS result (None: no such group)."""
+        for group in _ok(groups, []):
+            if _s(group.get("name")) == self.names.GROUP_WORKERS:
+                return int(group.get("pending") or 0) + int(group.get("lag") or 0)
+        return None
+
     # -- actors --------------------------------------------------------------------
     def actor_heartbeat(self, pipe: Pipeline, role: str, instance: str, pid: int, ttl_s: float,
                         **extra: Any) -> None:
@@ -339,6 +406,11 @@ def _queue_script(pipe: Pipeline, script: AsyncScript, keys: list[str], args: li
     """Queue a Lua script on a pipeline (the pipeline loads it if the server lacks it)."""
     pipe.scripts.add(script)  # type: ignore[arg-type]
     pipe.evalsha(script.sha, len(keys), *keys, *args)
+
+
+def _ok(result: Any, default: Any) -> Any:
+    """A pipelined command's result, or `default` where it failed (e.g. XINFO of a stream not created yet)."""
+    return default if isinstance(result, Exception) else result
 
 
 def _s(value: bytes | str) -> str:

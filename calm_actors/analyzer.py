@@ -13,7 +13,7 @@ from broker.messages import Embedded, Scored
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.cache import exact_hit
-from calm_actors.fleetview import ClassifierCache, FleetView, ProfileCache, load_view
+from calm_actors.fleetview import LiveView, ViewLoader
 from calm_actors.replying import answer_dead_query
 from calm_actors.scoring import domain_of, score_all
 
@@ -22,7 +22,7 @@ log = logging.getLogger(__name__)
 
 class NotReady(RuntimeError):
     """Nothing can be routed yet; the entry stays pending and is retried after the reclaim delay."""
-VIEW_REFRESH_S = 0.25
+VIEW_REFRESH_S = 0.25  # while queries come; see LiveView for quiet spells
 
 
 class Analyzer:
@@ -32,20 +32,14 @@ class Analyzer:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
-        self.view = FleetView()
-        self._profiles = ProfileCache()
-        self._classifiers = ClassifierCache()
+        self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s, scores=True))
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
-
-    async def refresh(self) -> None:
-        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s,
-                                    self._profiles, self._classifiers)
 
     def install(self) -> None:
         self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded, trim_acked=True,
                          on_dead=answer_dead_query(self.replies))
-        self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
+        self.rt.every(VIEW_REFRESH_S, self.live.tick, "view")
 
     async def on_embedded(self, entry: Entry) -> Effects:
         message = decode_as(Embedded, entry.fields, entry.id, entry.stream)
@@ -53,12 +47,13 @@ class Analyzer:
             return self._pass_exact_hit(message)
         embedding = np.frombuffer(message.embedding, dtype=np.float32)
         pinned = message.query.model
-        if not self.view.models or (pinned is not None and pinned not in self.view.models):
-            await self.refresh()  # a model may have registered since the last refresh
-        if not self.view.models:
+        view = await self.live.fresh()
+        if not view.models or (pinned is not None and pinned not in view.models):
+            view = await self.live.reload()  # a model may have registered since the last refresh
+        if not view.models:
             raise NotReady("no routable model yet (no worker registered, or models not profiled)")
-        candidates = score_all(message.query, embedding, self.view, self.settings.planner)
-        domain = domain_of(candidates, self.view)
+        candidates = score_all(message.query, embedding, view, self.settings.planner)
+        domain = domain_of(candidates, view)
         if message.query.model is not None:
             candidates = [c for c in candidates if c.model == message.query.model]
         stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
@@ -77,7 +72,7 @@ class Analyzer:
 
 async def start(rt: ProcessRuntime) -> Analyzer:
     analyzer = Analyzer(rt)
-    await analyzer.refresh()
+    await analyzer.live.reload()
     analyzer.install()
     return analyzer
 

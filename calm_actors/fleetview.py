@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
 
-from broker.kb import KnowledgeBase, ModelState, WorkerState
-from broker.names import Names
+from broker.kb import FleetSnapshot, KnowledgeBase, ModelState, WorkerState
 from calm_actors.domain_classifier import ClassifierError, DomainClassifier
 from calm_actors.similarity import StackedProfiles
 
@@ -74,8 +73,8 @@ class ClassifierCache:
         self._current: DomainClassifier | None = None
         self._bad_digest = ""
 
-    async def current(self, kb: KnowledgeBase) -> DomainClassifier | None:
-        digest = await kb.classifier_digest()
+    async def current(self, kb: KnowledgeBase, digest: str) -> DomainClassifier | None:
+        """The classifier whose digest the KB holds now (`digest`, as just read; '' when there is none)."""
         if not digest:
             self._current = None
         elif (self._current is None or self._current.digest != digest) and digest != self._bad_digest:
@@ -89,52 +88,84 @@ class ClassifierCache:
         return self._current
 
 
-async def load_view(kb: KnowledgeBase, names: Names, worker_timeout_s: float,
-                    profiles: ProfileCache | None = None, classifiers: ClassifierCache | None = None) -> FleetView:
-    """Read models, workers and work-stream backlogs in a few pipelined round trips.
+class ViewLoader:
+    """Loads fleet views: the fleet's state in one round trip (two when models or workers came or went),
+    profiles and the classifier again only when their digests change.
 
-    Pass the same ``profiles`` cache on every call so that unchanged profiles are not read again, and a
-    ``classifiers`` cache when the view will score queries: only such a view also gets the classifier
-    and the stacked profiles (a second copy of every profile that views which only plan do not need).
+    A loader that `scores` also gives its views the classifier and the stacked profiles (a second copy of
+    every profile that views which only plan do not need).
     """
-    models = await kb.models()
-    workers = await kb.workers()
-    now_ms = time.time() * 1000
-    alive = {wid: w for wid, w in workers.items() if w.alive(now_ms, worker_timeout_s)}
-    queues = await backlogs(kb, names, list(models))
-    profiles = profiles or ProfileCache()
-    matrices = await profiles.matrices(kb, models)
-    view = FleetView(workers=alive, refreshed_ms=now_ms)
-    if classifiers is not None:
-        view.classifier, view.stacked = await classifiers.current(kb), profiles.stacked()
-    for name, state in models.items():
-        matrix = matrices.get(name)
-        if matrix is None:
-            continue
-        servable = tuple(w for w, ws in alive.items() if name in ws.models_servable)
-        if not servable:
-            continue
-        loaded = tuple(w for w in state.loaded_on if w in alive)
-        view.models[name] = ModelView(state, matrix, servable, loaded, queues.get(name, 0))
-    return view
+
+    def __init__(self, kb: KnowledgeBase, worker_timeout_s: float, scores: bool = False) -> None:
+        self.kb = kb
+        self.worker_timeout_s = worker_timeout_s
+        self.profiles = ProfileCache()
+        self.classifiers = ClassifierCache() if scores else None
+        self._last: FleetSnapshot | None = None
+
+    async def load(self) -> FleetView:
+        snap = self._last = await self.kb.snapshot(self._last)
+        now_ms = time.time() * 1000
+        alive = {wid: w for wid, w in snap.workers.items() if w.alive(now_ms, self.worker_timeout_s)}
+        matrices = await self.profiles.matrices(self.kb, snap.models)
+        view = FleetView(workers=alive, refreshed_ms=now_ms)
+        if self.classifiers is not None:
+            view.classifier = await self.classifiers.current(self.kb, snap.classifier_digest)
+            view.stacked = self.profiles.stacked()
+        for name, state in snap.models.items():
+            matrix = matrices.get(name)
+            if matrix is None:
+                continue
+            servable = tuple(w for w, ws in alive.items() if name in ws.models_servable)
+            if not servable:
+                continue
+            loaded = tuple(w for w in state.loaded_on if w in alive)
+            view.models[name] = ModelView(state, matrix, servable, loaded, snap.backlogs.get(name, 0))
+        return view
 
 
-async def backlogs(kb: KnowledgeBase, names: Names, models: list[str]) -> dict[str, int]:
-    if not models:
-        return {}
-    pipe = kb.client.pipeline(transaction=False)
-    for model in models:
-        pipe.xinfo_groups(names.work(model))
-    rows: list[Any] = await pipe.execute(raise_on_error=False)
-    out: dict[str, int] = {}
-    for model, groups in zip(models, rows, strict=True):
-        if isinstance(groups, Exception):
-            continue
-        for group in groups:
-            if _s(group.get("name")) == names.GROUP_WORKERS:
-                out[model] = int(group.get("pending") or 0) + int(group.get("lag") or 0)
-    return out
+class LiveView:
+    """A loader's latest view, refreshed often while queries use it and seldom while none come.
+
+    `tick` (called every `busy_s`) reloads when the view was used since it was loaded or is `idle_s`
+    old; `fresh` is the view for a query, reloaded first when it is older than `stale_s` (the first
+    query after a quiet spell does not route on an old view).
+    """
+
+    def __init__(self, loader: ViewLoader, idle_s: float = 2.0, stale_s: float = 1.0,
+                 on_reload: Callable[[FleetView], Awaitable[None]] | None = None) -> None:
+        self.loader = loader
+        self.idle_s = idle_s
+        self.stale_s = stale_s
+        self.on_reload = on_reload
+        self.view = FleetView()
+        self._used = False
+
+    async def reload(self) -> FleetView:
+        self.view = await self.loader.load()
+        self._used = False
+        if self.on_reload is not None:
+            await self.on_reload(self.view)
+        return self.view
+
+    async def tick(self) -> bool:
+        """Reload if the view was used since its load or has grown old; True when it did."""
+        if self._used or self._age_s() >= self.idle_s:
+            await self.reload()
+            return True
+        return False
+
+    async def fresh(self) -> FleetView:
+        """The view for routing one query (reloaded first if it is older than `stale_s`)."""
+        if self._age_s() >= self.stale_s:
+            await self.reload()
+        self._used = True
+        return self.view
+
+    def _age_s(self) -> float:
+        return time.time() - self.view.refreshed_ms / 1000
 
 
-def _s(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
+async def load_view(kb: KnowledgeBase, worker_timeout_s: float, scores: bool = False) -> FleetView:
+    """One view, read without caches (for tools and tests; actors keep a `ViewLoader`)."""
+    return await ViewLoader(kb, worker_timeout_s, scores).load()

@@ -12,13 +12,13 @@ from broker.messages import Decision, Planned, Query, Scored, WantModel
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.cache import exact_hit
-from calm_actors.fleetview import FleetView, ProfileCache, load_view
+from calm_actors.fleetview import FleetView, LiveView, ViewLoader
 from calm_actors.planning import Routable, make_strategy, utility
 from calm_actors.replying import answer_dead_query, query_rejection
 from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
-VIEW_REFRESH_S = 0.5
+VIEW_REFRESH_S = 0.5  # while queries come; see LiveView for quiet spells
 
 
 class Planner:
@@ -31,14 +31,12 @@ class Planner:
         self.strategy = make_strategy(rt.settings.planner)
         self.tuning = Tuning(rt, ("planner",))
         self._sent: dict[str, int] = {}  # dispatched per model since the view was read (for backpressure)
-        self.view = FleetView()
-        self._profiles = ProfileCache()
+        self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s), on_reload=self._on_reload)
         self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
-    async def refresh(self) -> None:
-        self.view = await load_view(self.rt.kb, self.names, self.settings.scheduler.worker_timeout_s,
-                                    self._profiles)
+    async def _on_reload(self, view: FleetView) -> None:
+        """A new view counts its own backlogs; runtime config is read with it."""
         self._sent = {}
         await self._reload_weights()
 
@@ -60,15 +58,16 @@ class Planner:
     def install(self) -> None:
         self.rt.consumer(self.names.plan, self.names.GROUP_PLANNER, handler=self.on_scored, trim_acked=True,
                          on_dead=answer_dead_query(self.replies))
-        self.rt.every(VIEW_REFRESH_S, self.refresh, "view")
+        self.rt.every(VIEW_REFRESH_S, self.live.tick, "view")
 
     async def on_scored(self, entry: Entry) -> Effects:
         message = decode_as(Scored, entry.fields, entry.id, entry.stream)
         if message.exact_hit:
             return self._pass_exact_hit(message)
         query = message.query
+        view = await self.live.fresh()
         options = [
-            Routable(c, self.view.models[c.model].state.baseline if c.model in self.view.models else False)
+            Routable(c, view.models[c.model].state.baseline if c.model in view.models else False)
             for c in message.candidates
         ]
         effects = Effects()
@@ -95,7 +94,7 @@ class Planner:
         topic = planned.domain if query.model is None else ""
         effects.call(lambda p: self.rt.kb.record_demand(p, decision.model, now, self.settings.scheduler.bucket_s,
                                                         domain=topic))
-        chosen = self.view.models.get(decision.model)
+        chosen = view.models.get(decision.model)
         wants = [decision.wanted] if decision.wanted else []
         if chosen is None or not chosen.loaded_on:
             wants.append(decision.model)
@@ -143,6 +142,6 @@ class Planner:
 
 async def start(rt: ProcessRuntime) -> Planner:
     planner = Planner(rt)
-    await planner.refresh()
+    await planner.live.reload()
     planner.install()
     return planner

@@ -21,7 +21,6 @@ from broker.effects import Effects, Entry
 from broker.kb import ModelState, WorkerState
 from broker.messages import Control, WantModel, WorkerEvent
 from broker.runtime import ProcessRuntime
-from calm_actors.fleetview import backlogs
 from calm_actors.forecast import Demand
 from calm_actors.residency import Action, ModelCosts, Slot, fill, make_policy
 
@@ -91,7 +90,7 @@ class Scheduler:
         effects = Effects()
         if isinstance(message, WantModel):
             await self.refresh()
-            self.backlog = await backlogs(self.rt.kb, self.names, list(self.models))  # what must not go now
+            self.backlog = await self.rt.kb.backlogs(list(self.models))  # what must not go now
             self._act(self._place(message.model, reason="wanted by a query"), effects)
         elif isinstance(message, WorkerEvent):
             self.pending.pop((message.worker, message.model), None)
@@ -132,7 +131,7 @@ class Scheduler:
             await self.refresh()
         self.pending = {k: p for k, p in self.pending.items() if p.deadline_ms > now_ms and k[0] in self.workers}
         await self.refresh_demand()
-        self.backlog = await backlogs(self.rt.kb, self.names, list(self.models))
+        self.backlog = await self.rt.kb.backlogs(list(self.models))
         effects = Effects()
         for model, waiting in self.backlog.items():
             if waiting > 0 and not self._resident(model):

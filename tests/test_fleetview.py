@@ -1,6 +1,9 @@
-"""The fleet view reads a model's routing profile (and the domain classifier) again only when it changes."""
+"""Fleet views: one round trip per load, profiles and the classifier re-read only when they change, reloads
+only while the view is used."""
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import redis.asyncio as aioredis
@@ -8,7 +11,7 @@ import redis.asyncio as aioredis
 from broker.kb import KnowledgeBase, WorkerState
 from broker.names import Names
 from calm_actors.domain_classifier import DomainClassifier, train
-from calm_actors.fleetview import ClassifierCache, ProfileCache, load_view
+from calm_actors.fleetview import LiveView, ViewLoader, load_view
 
 
 async def _setup(kb: KnowledgeBase, profile: np.ndarray, digest: str) -> None:
@@ -23,17 +26,17 @@ async def test_profiles_are_cached_by_digest(aclient: aioredis.Redis, names: Nam
     kb = KnowledgeBase(aclient, names)
     first = np.eye(2, 4)
     await _setup(kb, first, "d1")
-    cache = ProfileCache()
-    view = await load_view(kb, names, worker_timeout_s=60, profiles=cache)
+    loader = ViewLoader(kb, worker_timeout_s=60)
+    view = await loader.load()
     assert np.array_equal(view.models["m"].profile, first)
     # the bytes change but the digest does not: the cached matrix stays (nothing is re-read)
     await aclient.set(names.profile("m"), np.zeros((2, 4), np.float32).tobytes())
-    view = await load_view(kb, names, worker_timeout_s=60, profiles=cache)
+    view = await loader.load()
     assert np.array_equal(view.models["m"].profile, first)
     # a new digest (the monitor re-embedded the card) is picked up
     second = np.ones((3, 4)) / 2
     await _setup(kb, second, "d2")
-    view = await load_view(kb, names, worker_timeout_s=60, profiles=cache)
+    view = await loader.load()
     assert np.array_equal(view.models["m"].profile, second)
 
 
@@ -43,7 +46,7 @@ async def test_a_model_without_profile_is_not_routable(aclient: aioredis.Redis, 
     kb.register_model(pipe, "m", {"description": "adds numbers"})
     kb.register_worker(pipe, WorkerState(id="w1", models_servable=("m",)), ttl_s=60)
     await pipe.execute()
-    assert (await load_view(kb, names, worker_timeout_s=60)).models == {}
+    assert (await load_view(kb, worker_timeout_s=60)).models == {}
 
 
 def _classifier(digest: str) -> DomainClassifier:
@@ -54,8 +57,8 @@ def _classifier(digest: str) -> DomainClassifier:
 async def test_the_classifier_is_read_when_its_digest_changes(aclient: aioredis.Redis, names: Names) -> None:
     kb = KnowledgeBase(aclient, names)
     await _setup(kb, np.eye(2, 4), "d1")
-    cache = ClassifierCache()
-    assert (await load_view(kb, names, worker_timeout_s=60, classifiers=cache)).classifier is None
+    loader = ViewLoader(kb, worker_timeout_s=60, scores=True)
+    assert (await loader.load()).classifier is None
     first = _classifier("c1")
 
     async def store(digest: str, blob: bytes) -> None:
@@ -64,17 +67,85 @@ async def test_the_classifier_is_read_when_its_digest_changes(aclient: aioredis.
         await pipe.execute()
 
     await store("c1", first.to_bytes())
-    view = await load_view(kb, names, worker_timeout_s=60, classifiers=cache)
+    view = await loader.load()
     assert view.classifier is not None and view.classifier.digest == "c1"
     # same digest, other bytes: nothing is re-read
     await aclient.hset(names.classifier, "blob", b"garbage")
-    assert (await cache.current(kb)) is view.classifier
+    assert (await loader.load()).classifier is view.classifier
     # a new digest whose blob cannot be decoded: no classifier (cosine fit only), and a warning, not a crash
     await store("c2", b"garbage")
-    assert await cache.current(kb) is None
+    assert (await loader.load()).classifier is None
     await store("c3", _classifier("c3").to_bytes())
-    current = await cache.current(kb)
+    current = (await loader.load()).classifier
     assert current is not None and current.digest == "c3"
     # views that do not score do not read it
-    plain = await load_view(kb, names, worker_timeout_s=60)
+    plain = await load_view(kb, worker_timeout_s=60)
     assert plain.classifier is None and plain.stacked is None
+
+
+class _CountingPipelines:
+    """Counts the round trips a KB client makes through pipelines."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client, self.executed = client, 0
+
+    def pipeline(self, transaction: bool = True) -> Any:
+        pipe = self.client.pipeline(transaction=transaction)
+        execute = pipe.execute
+
+        async def counted(raise_on_error: bool = True) -> Any:
+            self.executed += 1
+            return await execute(raise_on_error=raise_on_error)
+
+        pipe.execute = counted  # type: ignore[method-assign]
+        return pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+
+async def test_a_load_is_one_round_trip_until_models_or_workers_change(aclient: aioredis.Redis, names: Names) -> None:
+    counter = _CountingPipelines(aclient)
+    kb = KnowledgeBase(counter, names)  # type: ignore[arg-type]
+    await _setup(kb, np.eye(2, 4), "d1")
+    loader = ViewLoader(kb, worker_timeout_s=60)
+    assert set((await loader.load()).models) == {"m"}
+    counter.executed = 0
+    await loader.load()
+    assert counter.executed == 1
+    # a model and a worker join: the load reads the new sets in a second round trip and sees them
+    pipe = kb.client.pipeline(transaction=True)
+    kb.register_model(pipe, "n", {"description": "sorts digits"})
+    kb.set_profile(pipe, "n", np.ones((1, 4), np.float32).tobytes(), 1, "dn")
+    kb.register_worker(pipe, WorkerState(id="w2", models_servable=("n",)), ttl_s=60)
+    await pipe.execute()
+    counter.executed = 0
+    view = await loader.load()
+    assert set(view.models) == {"m", "n"} and view.models["n"].servable_on == ("w2",)
+    assert counter.executed == 2  # the read of the old sets, then of the new ones
+    # a backlog on a model's work stream shows in the view
+    await aclient.xgroup_create(names.work("m"), names.GROUP_WORKERS, id="0", mkstream=True)
+    await aclient.xadd(names.work("m"), {"q": "1"})
+    assert (await loader.load()).models["m"].backlog == 1
+
+
+async def test_a_live_view_reloads_while_used_and_seldom_when_quiet(aclient: aioredis.Redis, names: Names) -> None:
+    kb = KnowledgeBase(aclient, names)
+    await _setup(kb, np.eye(2, 4), "d1")
+    reloads: list[float] = []
+
+    async def count(view: object) -> None:
+        reloads.append(1.0)
+
+    live = LiveView(ViewLoader(kb, worker_timeout_s=60), idle_s=3600, stale_s=3600, on_reload=count)
+    first = await live.fresh()  # never loaded: older than any stale_s
+    assert "m" in first.models and len(reloads) == 1
+    assert await live.tick()  # it was used since its load
+    assert not await live.tick() and not await live.tick()  # quiet: no reload before idle_s
+    assert await live.fresh() is live.view and len(reloads) == 2
+    assert await live.tick() and len(reloads) == 3
+    quiet = LiveView(ViewLoader(kb, worker_timeout_s=60), idle_s=0.0, stale_s=0.0)
+    await quiet.reload()
+    assert await quiet.tick()  # idle_s 0: even an unused view is reloaded
+    before = quiet.view
+    assert await quiet.fresh() is not before  # stale_s 0: every query reloads first
