@@ -335,15 +335,6 @@ class KnowledgeBase:
         digest = _ok(rows[2], None)
         return FleetSnapshot(model_names, worker_ids, models, workers, backlogs, _s(digest) if digest else "")
 
-    async def backlogs(self, models: Sequence[str]) -> dict[str, int]:
-        """Entries waiting or in flight on each model's work stream (models without one are left out)."""
-        pipe = self.client.pipeline(transaction=False)
-        for model in models:
-            pipe.xinfo_groups(self.names.work(model))
-        rows: list[Any] = await pipe.execute(raise_on_error=False) if models else []
-        counts = {model: self._backlog(groups) for model, groups in zip(models, rows, strict=True)}
-        return {model: n for model, n in counts.items() if n is not None}
-
     def _backlog(self, groups: Any) -> int | None:
         """Pending plus lag of the workers' group, from an XINFO GROUPS result (None: no such group)."""
         for group in _ok(groups, []):

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from broker.codec import decode, encode
 from broker.consumer import ensure_group
 from broker.effects import Effects, Entry
-from broker.kb import ModelState, WorkerState
+from broker.kb import FleetSnapshot, ModelState, WorkerState
 from broker.messages import Control, WantModel, WorkerEvent
 from broker.runtime import ProcessRuntime
 from calm_actors.forecast import Demand
@@ -58,6 +58,7 @@ class Scheduler:
         self.pending: dict[tuple[str, str], Pending] = {}  # (worker, model) -> command in flight
         self.failed: dict[tuple[str, str], LoadFailure] = {}  # (worker, model) -> its loads that failed
         self.backlog: dict[str, int] = {}
+        self._snapshot: FleetSnapshot | None = None
         self.card_mb: dict[str, float] = {}  # each model's size as first seen (as registered: the card's estimate)
 
     def install(self) -> None:
@@ -65,8 +66,10 @@ class Scheduler:
         self.rt.every(self.settings.scheduler.interval_ms / 1000, self.tick, "tick")
 
     async def refresh(self) -> None:
-        self.models = await self.rt.kb.models()
-        self.workers = await self.rt.kb.workers()
+        """Models, workers and their work streams' backlogs (what must not go now), in one round trip."""
+        self._snapshot = await self.rt.kb.snapshot(self._snapshot)
+        self.models, self.workers = self._snapshot.models, self._snapshot.workers
+        self.backlog = self._snapshot.backlogs
         for name, m in self.models.items():
             self.card_mb.setdefault(name, m.memory_mb)
 
@@ -90,7 +93,6 @@ class Scheduler:
         effects = Effects()
         if isinstance(message, WantModel):
             await self.refresh()
-            self.backlog = await self.rt.kb.backlogs(list(self.models))  # what must not go now
             self._act(self._place(message.model, reason="wanted by a query"), effects)
         elif isinstance(message, WorkerEvent):
             self.pending.pop((message.worker, message.model), None)
@@ -131,7 +133,6 @@ class Scheduler:
             await self.refresh()
         self.pending = {k: p for k, p in self.pending.items() if p.deadline_ms > now_ms and k[0] in self.workers}
         await self.refresh_demand()
-        self.backlog = await self.rt.kb.backlogs(list(self.models))
         effects = Effects()
         for model, waiting in self.backlog.items():
             if waiting > 0 and not self._resident(model):
