@@ -120,8 +120,10 @@ def demo() -> FleetRecipe:
     generalist baseline of 4.0M parameters (6 layers, width 224) trained on all of their data.
 
     The baseline is the "one large model" of the paper's comparison: several times a specialist's size,
-    so several times its cost per token. Its training (3,800 steps on one core) is the build's critical
-    path: about 65 minutes on 2 cores, the specialists taking about 16 minutes of the other core.
+    so several times its cost per token. Code and prose get 1,800 steps each, on both sides (each step
+    draws new windows of the corpus). The baseline's training (5,600 steps) is about 85 % of the build,
+    so the builder trains one model at a time on every thread: about 110 minutes on 2 cores (125 while
+    other jobs shared the machine).
     """
     arith = _pair_model("arith", "arithmetic", ARITH_DESC, ARITH_EXAMPLES, steps=1000)
     sort = _pair_model("sort", "sorting", SORT_DESC, SORT_EXAMPLES, steps=1000)
