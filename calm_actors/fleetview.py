@@ -128,8 +128,9 @@ class LiveView:
     """A loader's latest view, refreshed often while queries use it and seldom while none come.
 
     `tick` (called periodically: every 0.25 s by the analyzer, 0.5 s by the planner) reloads when the
-    view was used since it was loaded or is `idle_s` old; `fresh` is the view for a query, reloaded first when it is older than `stale_s` (the first
-    query after a quiet spell does not route on an old view).
+    view was used since it was loaded or is `idle_s` old; `fresh` is the view for a query, reloaded
+    first when it is older than `stale_s` (the first query after a quiet spell does not route on an
+    old view).
     """
 
     def __init__(self, loader: ViewLoader, idle_s: float = 2.0, stale_s: float = 1.0,
