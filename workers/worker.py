@@ -274,28 +274,37 @@ class Worker:
     async def evict(self, model: str, reason: str = "") -> None:
         """Stop serving ``model`` (finishing the request in hand), free its engine, and report the memory."""
         async with self._control_lock:
-            hosted = self.hosted.pop(model, None)
-            if hosted is None:
-                await self._event("evicted", model, "was not loaded")
-                return
-            await self.rt.retire(hosted.consumer)
-            await asyncio.get_running_loop().run_in_executor(self._pool, hosted.engine.close)
-            # An isolated engine's child was measured just before it was killed: that is what came back.
-            freed_mb = hosted.engine.freed_bytes / 2**20 if isinstance(hosted.engine, IsolatedEngine) \
-                else hosted.memory_mb
-            pipe = self.rt.client.pipeline(transaction=True)
-            self.rt.kb.set_loaded(pipe, model, self.id, False)
-            await pipe.execute()
-            await self.heartbeat()
-            await self._event("evicted", model, reason, freed_mb)
-            log.info("evicted %s, %.1f MB freed [%s]", model, freed_mb, reason)
+            await self._evict_held(model, reason)
+
+    async def _evict_held(self, model: str, reason: str) -> None:
+        """`evict`'s work; the caller holds the control lock."""
+        hosted = self.hosted.pop(model, None)
+        if hosted is None:
+            await self._event("evicted", model, "was not loaded")
+            return
+        await self.rt.retire(hosted.consumer)
+        await asyncio.get_running_loop().run_in_executor(self._pool, hosted.engine.close)
+        # An isolated engine's child was measured just before it was killed: that is what came back.
+        freed_mb = hosted.engine.freed_bytes / 2**20 if isinstance(hosted.engine, IsolatedEngine) \
+            else hosted.memory_mb
+        pipe = self.rt.client.pipeline(transaction=True)
+        self.rt.kb.set_loaded(pipe, model, self.id, False)
+        await pipe.execute()
+        await self.heartbeat()
+        await self._event("evicted", model, reason, freed_mb)
+        log.info("evicted %s, %.1f MB freed [%s]", model, freed_mb, reason)
 
     async def reap_dead_engines(self) -> None:
-        """Report unloaded every model whose engine process died (a crash, the OOM killer); the worker lives on."""
-        for model, hosted in list(self.hosted.items()):
-            if isinstance(hosted.engine, IsolatedEngine) and hosted.engine.died:
-                log.error("engine process %d of %s died; reporting it unloaded", hosted.engine.pid, model)
-                await self.evict(model, reason="engine process died")
+        """Report unloaded every model whose engine process died (a crash, the OOM killer); the worker lives on.
+
+        Reaps run one at a time under the control lock: one that returns has seen every earlier one's
+        evictions reported, and a dead engine is reported once.
+        """
+        async with self._control_lock:
+            for model, hosted in list(self.hosted.items()):
+                if isinstance(hosted.engine, IsolatedEngine) and hosted.engine.died:
+                    log.error("engine process %d of %s died; reporting it unloaded", hosted.engine.pid, model)
+                    await self._evict_held(model, reason="engine process died")
 
     # -- serving -------------------------------------------------------------------
     async def serve(self, model: str, entry: Entry) -> Effects:
