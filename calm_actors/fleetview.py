@@ -166,7 +166,3 @@ class LiveView:
     def _age_s(self) -> float:
         return time.time() - self.view.refreshed_ms / 1000
 
-
-async def load_view(kb: KnowledgeBase, worker_timeout_s: float, scores: bool = False) -> FleetView:
-    """One view, read without caches (for tools and tests; actors keep a `ViewLoader`)."""
-    return await ViewLoader(kb, worker_timeout_s, scores).load()

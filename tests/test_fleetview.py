@@ -11,7 +11,7 @@ import redis.asyncio as aioredis
 from broker.kb import KnowledgeBase, WorkerState
 from broker.names import Names
 from calm_actors.domain_classifier import DomainClassifier, train
-from calm_actors.fleetview import LiveView, ViewLoader, load_view
+from calm_actors.fleetview import LiveView, ViewLoader
 
 
 async def _setup(kb: KnowledgeBase, profile: np.ndarray, digest: str) -> None:
@@ -46,7 +46,7 @@ async def test_a_model_without_profile_is_not_routable(aclient: aioredis.Redis, 
     kb.register_model(pipe, "m", {"description": "adds numbers"})
     kb.register_worker(pipe, WorkerState(id="w1", models_servable=("m",)), ttl_s=60)
     await pipe.execute()
-    assert (await load_view(kb, worker_timeout_s=60)).models == {}
+    assert (await ViewLoader(kb, worker_timeout_s=60).load()).models == {}
 
 
 def _classifier(digest: str) -> DomainClassifier:
@@ -79,7 +79,7 @@ async def test_the_classifier_is_read_when_its_digest_changes(aclient: aioredis.
     current = (await loader.load()).classifier
     assert current is not None and current.digest == "c3"
     # views that do not score do not read it
-    plain = await load_view(kb, worker_timeout_s=60)
+    plain = await ViewLoader(kb, worker_timeout_s=60).load()
     assert plain.classifier is None and plain.stacked is None
 
 
