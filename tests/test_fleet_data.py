@@ -8,8 +8,9 @@ import pytest
 
 from workers.fleet.corpora import Code, Prose
 from workers.fleet.data import DOMAINS, PAIR_DOMAINS, DataRecipe, eval_items, get_domain
-from workers.fleet.profiles import PROFILES
+from workers.fleet.profiles import ARITH_EXAMPLES, PROFILES, _generalist, _pair_model
 from workers.fleet.recipes import recipe_hash
+from workers.fleet.runner import training_cost
 from workers.fleet.synthetic import Arithmetic, Sorting
 from workers.fleet.train import interleave
 
@@ -94,16 +95,26 @@ def test_recipe_hash_is_stable_and_tracks_the_recipe() -> None:
     assert recipe_hash(PROFILES["tiny"].scaled(0.5)) != recipe_hash("tiny")
 
 
-def test_generalists_train_on_at_least_the_specialists_tokens() -> None:
+def test_generalists_cost_at_least_the_specialists_training_and_cover_their_domains() -> None:
     for recipe in PROFILES.values():
         base = [m for m in recipe.models if m.baseline]
         assert len(base) == 1
         specialists = [m for m in recipe.models if not m.baseline]
-        assert base[0].token_budget() >= sum(m.token_budget() for m in specialists)
-        assert base[0].steps >= sum(m.steps for m in specialists)
+        assert training_cost(base[0]) >= sum(training_cost(m) for m in specialists)
         assert set(base[0].domains) == {d for m in specialists for d in m.domains}
+        shapes = {(p.domain, p.batch, p.seq_len) for m in specialists for p in m.plan}
+        assert {(p.domain, p.batch, p.seq_len) for p in base[0].plan} == shapes
         for m in recipe.models:
             assert 4 <= len(m.examples) <= 6 and m.description
+
+
+def test_generalist_takes_the_specialists_steps_unless_told() -> None:
+    spec = _pair_model("arith", "arithmetic", "adds", ARITH_EXAMPLES, steps=300)
+    assert _generalist((spec,), hidden=32, layers=1, heads=1, intermediate=64, lr=1e-3, seed=0).plan[0].steps == 300
+    told = _generalist(
+        (spec,), steps={"arithmetic": 120}, hidden=32, layers=1, heads=1, intermediate=64, lr=1e-3, seed=0
+    )
+    assert told.plan[0].steps == 120 and told.plan[0].batch == spec.plan[0].batch
 
 
 def test_interleave_spreads_each_domains_steps() -> None:

@@ -23,6 +23,6 @@ def test_more_cpus_than_jobs_go_to_threads() -> None:
 def test_demo_fleet_builds_serially_on_two_cpus_and_tiny_in_parallel() -> None:
     demo = [training_cost(m) for m in PROFILES["demo"].models]
     tiny = [training_cost(m) for m in PROFILES["tiny"].models]
-    assert max(demo) > 0.8 * sum(demo)  # the 4.0M baseline is most of the work
+    assert max(demo) > 2 * (sum(demo) - max(demo))  # the 4.0M baseline is most of the work
     assert plan_workers(demo, cpus=2) == (1, 2)
     assert plan_workers(tiny, cpus=2) == (2, 1)

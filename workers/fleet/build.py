@@ -146,18 +146,6 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
         write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data, recipe.exemplars_per_model)
     _exemplars_stamp(root).write_text(_exemplars_key(recipe))
     cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
-    for o in outcomes.values():
-        log.info(
-            "%s: %d params, %d steps, train %.1f s, export %.1f s, eval %.1f s, cpu %.1f s, %s",
-            o.name,
-            o.params,
-            o.train_steps,
-            o.train_wall_s,
-            o.export_s,
-            o.eval_s,
-            o.cpu_s,
-            o.quality,
-        )
     fleet = Fleet(
         root=root,
         name=f"calm-{recipe.profile}",

@@ -1,10 +1,12 @@
-"""Running a fleet's build jobs: in spawned worker processes (or in-process with one worker),
-longest first, with rich progress bars on stderr fed by the workers' step counts.
+"""Running a fleet's build jobs: in spawned worker processes, longest first (or in-process with one
+worker, shortest first: the same total, and the quick models' results come out early), with rich
+progress bars on stderr fed by the workers' step counts. Each model's outcome is logged as it ends.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import multiprocessing as mp
 import os
@@ -19,6 +21,8 @@ from workers.fleet import jobs as jobs_module
 from workers.fleet.data import PAIR_DOMAINS
 from workers.fleet.jobs import ModelJob, ModelOutcome, init_worker, run_embedder_job, run_model_job
 from workers.fleet.recipes import ModelRecipe
+
+log = logging.getLogger(__name__)
 
 
 class BuildError(RuntimeError):
@@ -69,7 +73,7 @@ def run_jobs(
         n_workers, threads = workers, max(1, cpus // workers)
     else:
         n_workers, threads = plan_workers([training_cost(j.recipe) for j in jobs], cpus)
-    ordered = sorted(jobs, key=lambda j: training_cost(j.recipe), reverse=True)
+    ordered = sorted(jobs, key=lambda j: training_cost(j.recipe), reverse=n_workers > 1)
     with _progress_bars(progress, jobs, embedder_dir is not None) as bars:
         if n_workers == 1:
             return _run_serial(ordered, embedder_dir, embedder_int8, bars, threads)
@@ -91,6 +95,8 @@ def run_jobs(
                         for other in pending:
                             other.cancel()
                         raise BuildError(f"building {futures[fut]!r} failed: {error}") from error
+                    if futures[fut] != "embedder":
+                        _log_outcome(fut.result())
             _drain(queue, bars)
     return {name: fut.result() for fut, name in futures.items() if name != "embedder"}
 
@@ -108,12 +114,28 @@ def _run_serial(
             for job in jobs:
                 outcomes[job.recipe.name] = run_model_job(job)
                 _drain(queue, bars)
+                _log_outcome(outcomes[job.recipe.name])
             if embedder_dir is not None:
                 run_embedder_job(embedder_dir, embedder_int8)
                 _drain(queue, bars)
         finally:
             jobs_module.use_progress_queue(None, 1)
     return outcomes
+
+
+def _log_outcome(o: ModelOutcome) -> None:
+    log.info(
+        "%s: %d params, %d steps, final loss %.4f, train %.1f s, export %.1f s, eval %.1f s, cpu %.1f s, %s",
+        o.name,
+        o.params,
+        o.train_steps,
+        o.final_loss,
+        o.train_wall_s,
+        o.export_s,
+        o.eval_s,
+        o.cpu_s,
+        o.quality,
+    )
 
 
 def _cpus() -> int:
