@@ -495,18 +495,16 @@ def _kv_spec(session: ort.InferenceSession, config: dict[str, Any], model_path: 
     )
 
 
-def _check_vocab(
-    session: ort.InferenceSession, config: dict[str, Any], tokenizer: Tokenizer, tok_path: Path, name: str
-) -> None:
+def _check_vocab(session: ort.InferenceSession, config: dict[str, Any], tokenizer: Tokenizer, tok_path: Path,
+                 name: str) -> None:
     """Refuse a tokenizer with ids the model has no logits (and no embeddings) for: one from another model."""
     last = session.get_outputs()[0].shape[-1]
     vocab = last if isinstance(last, int) else _first_int(config, "vocab_size")
     ids = tokenizer.get_vocab(with_added_tokens=True).values()
     top = max(ids, default=-1)
     if vocab and top >= vocab:
-        raise EngineLoadError(
-            f"{name}: {tok_path} has token ids up to {top} but the model has {vocab}; is it another model's tokenizer?"
-        )
+        raise EngineLoadError(f"{name}: {tok_path} has token ids up to {top} but the model has {vocab}; "
+                              "is it another model's tokenizer?")
 
 
 def _max_context(config: dict[str, Any]) -> int | None:

@@ -72,9 +72,8 @@ def _load(request: dict[str, Any]) -> Any:
     from workers.fleet.spec import load_fleet
 
     fields = {f.name for f in dataclasses.fields(WorkerSettings)}
-    raw: dict[str, Any] = {
-        k: tuple(v) if isinstance(v, list) else v for k, v in request["settings"].items() if k in fields
-    }
+    raw: dict[str, Any] = {k: tuple(v) if isinstance(v, list) else v
+                           for k, v in request["settings"].items() if k in fields}
     ws = WorkerSettings(**raw)
     fleet = load_fleet(request["fleet"], require_model_files=False)
     card = next((c for c in fleet.models if c.name == request["model"]), None)
@@ -86,14 +85,8 @@ def _load(request: dict[str, Any]) -> Any:
         return load_engine_factory(ws.engine, ws)(card, fleet)
     from workers.engine import OnnxCausalLM
 
-    return OnnxCausalLM.load(
-        fleet.model_dir(card),
-        name=card.name,
-        device=ws.device,
-        intra_op_threads=ws.intra_op_threads,
-        eos_token=card.eos_token,
-        gpu_index=ws.gpu_index,
-    )
+    return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=ws.device,
+                             intra_op_threads=ws.intra_op_threads, eos_token=card.eos_token, gpu_index=ws.gpu_index)
 
 
 def _error(e: BaseException) -> dict[str, Any]:
@@ -113,17 +106,8 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> int:
         log.debug("load failed: %s", traceback.format_exc())
         write_frame(out, _error(e))
         return 1
-    write_frame(
-        out,
-        {
-            "ok": True,
-            "name": engine.name,
-            "device": engine.device,
-            "load_s": engine.load_s,
-            "memory_bytes": int(engine.memory_bytes),
-            "pid": os.getpid(),
-        },
-    )
+    write_frame(out, {"ok": True, "name": engine.name, "device": engine.device, "load_s": engine.load_s,
+                      "memory_bytes": int(engine.memory_bytes), "pid": os.getpid()})
     while True:
         try:
             request = read_frame(inp)
@@ -133,13 +117,9 @@ def serve(inp: IO[bytes], out: IO[bytes]) -> int:
             write_frame(out, {"ok": False, "kind": "FrameError", "error": f"unknown op {request.get('op')!r}"})
             continue
         try:
-            gen = engine.generate(
-                request["prompt"],
-                max_new_tokens=request["max_new_tokens"],
-                temperature=request["temperature"],
-                seed=request["seed"],
-                stop=tuple(request["stop"]),
-            )
+            gen = engine.generate(request["prompt"], max_new_tokens=request["max_new_tokens"],
+                                  temperature=request["temperature"], seed=request["seed"],
+                                  stop=tuple(request["stop"]))
         except Exception as e:
             write_frame(out, _error(e))
             continue
@@ -158,11 +138,8 @@ def main(argv: list[str]) -> int:
     out = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
     sys.stdout = sys.stderr
-    logging.basicConfig(
-        level=argv[0] if argv else "WARNING",
-        stream=sys.stderr,
-        format="engine-host %(process)d %(levelname)s %(message)s",
-    )
+    logging.basicConfig(level=argv[0] if argv else "WARNING", stream=sys.stderr,
+                        format="engine-host %(process)d %(levelname)s %(message)s")
     return serve(inp, out)
 
 

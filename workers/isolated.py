@@ -66,16 +66,8 @@ class IsolatedEngine:
     ``died`` turns true so the worker can report the model unloaded.
     """
 
-    def __init__(
-        self,
-        proc: subprocess.Popen[bytes],
-        *,
-        name: str,
-        device: str,
-        load_s: float,
-        memory_bytes: int,
-        device_bytes: int,
-    ) -> None:
+    def __init__(self, proc: subprocess.Popen[bytes], *, name: str, device: str, load_s: float,
+                 memory_bytes: int, device_bytes: int) -> None:
         """Wrap a child that has loaded its model; use ``IsolatedEngine.start`` instead."""
         self.name = name
         self.device = device
@@ -88,28 +80,23 @@ class IsolatedEngine:
         self._lock = threading.Lock()
 
     @classmethod
-    def start(
-        cls, card: ModelCard, fleet: Fleet, settings: WorkerSettings, log_level: str = "WARNING"
-    ) -> IsolatedEngine:
+    def start(cls, card: ModelCard, fleet: Fleet, settings: WorkerSettings, log_level: str = "WARNING"
+              ) -> IsolatedEngine:
         """Spawn a child, have it load ``card`` as the worker would in-process, and wait for it.
 
         Raises ``EngineLoadError`` with the child's reason when the load fails or the child dies.
         """
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "workers.engine_host", log_level], stdin=subprocess.PIPE, stdout=subprocess.PIPE
-        )
+        proc = subprocess.Popen([sys.executable, "-m", "workers.engine_host", log_level],
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE)
         stdin, stdout = _pipes(proc)
         try:
-            write_frame(
-                stdin,
-                {"op": "load", "fleet": str(fleet.root), "model": card.name, "settings": dataclasses.asdict(settings)},
-            )
+            write_frame(stdin, {"op": "load", "fleet": str(fleet.root), "model": card.name,
+                                "settings": dataclasses.asdict(settings)})
             answer = read_frame(stdout)
         except (FrameError, OSError) as e:
             code = _reap(proc)
-            raise EngineLoadError(
-                f"{card.name}: engine process {proc.pid} died while loading ({_exit_reason(code)})"
-            ) from e
+            raise EngineLoadError(f"{card.name}: engine process {proc.pid} died while loading "
+                                  f"({_exit_reason(code)})") from e
         if not answer.get("ok"):
             _reap(proc)
             raise EngineLoadError(f"{card.name}: {answer.get('error', 'load failed')}")
@@ -117,14 +104,8 @@ class IsolatedEngine:
         device_bytes = int(answer["memory_bytes"]) if device == "cuda" else 0
         host = private_bytes(proc.pid) or int(answer["memory_bytes"])
         log.info("%s loaded in engine process %d (%.1f MB private)", card.name, proc.pid, host / 2**20)
-        return cls(
-            proc,
-            name=card.name,
-            device=device,
-            load_s=float(answer["load_s"]),
-            memory_bytes=host + device_bytes,
-            device_bytes=device_bytes,
-        )
+        return cls(proc, name=card.name, device=device, load_s=float(answer["load_s"]),
+                   memory_bytes=host + device_bytes, device_bytes=device_bytes)
 
     @property
     def memory_bytes(self) -> int:
@@ -137,15 +118,8 @@ class IsolatedEngine:
         proc = self._proc
         return proc is not None and proc.poll() is not None
 
-    def generate(
-        self,
-        prompt: str,
-        *,
-        max_new_tokens: int,
-        temperature: float = 0.0,
-        seed: int | None = None,
-        stop: Sequence[str] = (),
-    ) -> Generation:
+    def generate(self, prompt: str, *, max_new_tokens: int, temperature: float = 0.0, seed: int | None = None,
+                 stop: Sequence[str] = ()) -> Generation:
         """Forward one request to the child; ``EngineError`` when it fails there or the child is gone."""
         with self._lock:
             proc = self._proc
@@ -153,24 +127,13 @@ class IsolatedEngine:
                 raise EngineError(f"engine {self.name!r} is closed")
             stdin, stdout = _pipes(proc)
             try:
-                write_frame(
-                    stdin,
-                    {
-                        "op": "generate",
-                        "prompt": prompt,
-                        "max_new_tokens": max_new_tokens,
-                        "temperature": temperature,
-                        "seed": seed,
-                        "stop": list(stop),
-                    },
-                )
+                write_frame(stdin, {"op": "generate", "prompt": prompt, "max_new_tokens": max_new_tokens,
+                                    "temperature": temperature, "seed": seed, "stop": list(stop)})
                 answer = read_frame(stdout)
             except (FrameError, OSError) as e:
                 code = _reap(proc, kill=False)
-                raise EngineError(
-                    f"{self.name}: engine process {proc.pid} died ({_exit_reason(code)}); "
-                    "the model must be loaded again"
-                ) from e
+                raise EngineError(f"{self.name}: engine process {proc.pid} died ({_exit_reason(code)}); "
+                                  "the model must be loaded again") from e
         if not answer.get("ok"):
             raise EngineError(f"{self.name}: {answer.get('kind', 'Error')}: {answer.get('error', '')}")
         return Generation(**answer["gen"])
@@ -184,13 +147,8 @@ class IsolatedEngine:
             alive = proc.poll() is None
             self.freed_bytes = private_bytes(proc.pid) + self._device_bytes if alive else 0
             code = _reap(proc)
-            log.info(
-                "closed %s: engine process %d %s, %.1f MB returned",
-                self.name,
-                proc.pid,
-                _exit_reason(code),
-                self.freed_bytes / 2**20,
-            )
+            log.info("closed %s: engine process %d %s, %.1f MB returned", self.name, proc.pid,
+                     _exit_reason(code), self.freed_bytes / 2**20)
 
     def __repr__(self) -> str:
         state = "closed" if self._proc is None else ("dead" if self.died else "open")
@@ -221,9 +179,8 @@ def _reap(proc: subprocess.Popen[bytes], kill: bool = True) -> int | None:
     return code
 
 
-def isolated_engine_factory(
-    settings: WorkerSettings, log_level: str = "WARNING"
-) -> Callable[[ModelCard, Fleet], Engine]:
+def isolated_engine_factory(settings: WorkerSettings, log_level: str = "WARNING"
+                            ) -> Callable[[ModelCard, Fleet], Engine]:
     """Engines that each run in a child process, built there as ``settings`` say (built-in or ``engine``)."""
 
     def load(card: ModelCard, fleet: Fleet) -> Engine:

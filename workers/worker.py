@@ -60,14 +60,8 @@ def onnx_engine_factory(device: str, threads: int, gpu_index: int) -> EngineFact
     """Engines for optimum-exported causal LMs on ``device``."""
 
     def load(card: ModelCard, fleet: Fleet) -> Engine:
-        return OnnxCausalLM.load(
-            fleet.model_dir(card),
-            name=card.name,
-            device=device,
-            intra_op_threads=threads,
-            eos_token=card.eos_token,
-            gpu_index=gpu_index,
-        )
+        return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=device,
+                                 intra_op_threads=threads, eos_token=card.eos_token, gpu_index=gpu_index)
 
     return load
 
@@ -75,9 +69,8 @@ def onnx_engine_factory(device: str, threads: int, gpu_index: int) -> EngineFact
 class Worker:
     """Registers itself and its model cards, then loads, serves and evicts models as commanded."""
 
-    def __init__(
-        self, rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None, worker_type: str = "onnx"
-    ) -> None:
+    def __init__(self, rt: ProcessRuntime, fleet: Fleet, engine_factory: EngineFactory | None = None,
+                 worker_type: str = "onnx") -> None:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
@@ -90,16 +83,13 @@ class Worker:
         if missing:
             raise WorkerError(f"models not in fleet {fleet.root}: {', '.join(sorted(missing))}")
         if engine_factory is not None and self.ws.isolation == "process":
-            raise WorkerError(
-                "worker.isolation=process builds engines in child processes: name a custom one "
-                "with worker.engine instead of passing an engine factory"
-            )
+            raise WorkerError("worker.isolation=process builds engines in child processes: name a custom one "
+                              "with worker.engine instead of passing an engine factory")
         if self.ws.isolation == "process":
             self.factory = isolated_engine_factory(self.ws, logging.getLevelName(log.getEffectiveLevel()))
         else:
-            self.factory = engine_factory or onnx_engine_factory(
-                self.ws.device, self.ws.intra_op_threads, self.ws.gpu_index
-            )
+            self.factory = engine_factory or onnx_engine_factory(self.ws.device, self.ws.intra_op_threads,
+                                                                 self.ws.gpu_index)
         self.meter: EnergyMeter = make_energy_meter(self.ws.device, self.ws.watts_per_core, self.ws.gpu_index)
         self.device = self.ws.device
         self.hosted: dict[str, Hosted] = {}
@@ -138,9 +128,8 @@ class Worker:
         self.rt.kb.register_worker(pipe, self._state(), ttl)
         await pipe.execute()
         await ensure_group(self.rt.client, self.names.control(self.id), self.names.GROUP_CONTROL, start="$")
-        self.rt.consumer(
-            self.names.control(self.id), self.names.GROUP_CONTROL, handler=self.on_control, batch=16, block_ms=500
-        )
+        self.rt.consumer(self.names.control(self.id), self.names.GROUP_CONTROL, handler=self.on_control,
+                         batch=16, block_ms=500)
         self.rt.every(self.ws.heartbeat_s, self.heartbeat, "heartbeat")
         if self.ws.isolation == "process":
             self.rt.every(self.ws.heartbeat_s, self.reap_dead_engines, "reap dead engines")
@@ -163,16 +152,9 @@ class Worker:
 
     def _state(self) -> WorkerState:
         return WorkerState(
-            id=self.id,
-            type=self.type,
-            device=self.device,
-            pid=os.getpid(),
-            host=socket.gethostname(),
-            memory_budget_mb=float(self.ws.memory_mb),
-            memory_used_mb=self.memory_used_mb,
-            models_loaded=tuple(self.hosted),
-            models_servable=tuple(self.cards),
-            heartbeat_ms=time.time() * 1000,
+            id=self.id, type=self.type, device=self.device, pid=os.getpid(), host=socket.gethostname(),
+            memory_budget_mb=float(self.ws.memory_mb), memory_used_mb=self.memory_used_mb,
+            models_loaded=tuple(self.hosted), models_servable=tuple(self.cards), heartbeat_ms=time.time() * 1000,
         )
 
     @property
@@ -185,22 +167,14 @@ class Worker:
         pipe = self.rt.client.pipeline(transaction=False)
         pipe.sismember(self.names.workers, self.id)
         self.rt.kb.heartbeat(
-            pipe,
-            self.id,
-            ttl,
-            models_loaded=list(self.hosted),
-            memory_used_mb=f"{self.memory_used_mb:.1f}",
-            inflight=self.inflight,
-            state="up",
+            pipe, self.id, ttl, models_loaded=list(self.hosted),
+            memory_used_mb=f"{self.memory_used_mb:.1f}", inflight=self.inflight, state="up",
             last_used={m: h.last_used_ms for m, h in self.hosted.items()},
         )
         known, *_ = await pipe.execute()
         if not known:  # the scheduler removed us after missed heartbeats (we hung, or were paused): rejoin
-            log.warning(
-                "worker %s was declared dead; registering again with %s loaded",
-                self.id,
-                ", ".join(self.hosted) or "nothing",
-            )
+            log.warning("worker %s was declared dead; registering again with %s loaded", self.id,
+                        ", ".join(self.hosted) or "nothing")
             pipe = self.rt.client.pipeline(transaction=True)
             self.rt.kb.register_worker(pipe, self._state(), ttl)
             for model in self.hosted:
@@ -221,15 +195,13 @@ class Worker:
         for model, row in zip(models, rows, strict=True):
             if row:
                 values = {k.decode(): float(v) for k, v in row.items()}
-                faults[model] = Fault(
-                    values.get("delay_ms", 0.0), values.get("error_rate", 0.0), values.get("confidence_scale", 1.0)
-                )
+                faults[model] = Fault(values.get("delay_ms", 0.0), values.get("error_rate", 0.0),
+                                      values.get("confidence_scale", 1.0))
         self.faults = faults
 
     async def _event(self, event: str, model: str = "", detail: str = "", memory_mb: float = 0.0) -> None:
-        message = WorkerEvent(
-            worker=self.id, event=event, model=model, detail=detail, memory_mb=memory_mb, at_ms=time.time() * 1000
-        )
+        message = WorkerEvent(worker=self.id, event=event, model=model, detail=detail, memory_mb=memory_mb,
+                              at_ms=time.time() * 1000)
         await self.rt.client.xadd(self.names.sched, encode(message), maxlen=self.settings.streams.maxlen)
 
     # -- control -------------------------------------------------------------------
@@ -254,15 +226,12 @@ class Worker:
             if card is None:
                 problem = f"model {model!r} is not servable by worker {self.id}"
             elif self.memory_used_mb + self._expected_mb(card) > self.ws.memory_mb:
-                problem = (
-                    f"{model} needs ~{self._expected_mb(card):.1f} MB; {self.memory_used_mb:.1f} of "
-                    f"{self.ws.memory_mb} MB in use"
-                )
+                problem = (f"{model} needs ~{self._expected_mb(card):.1f} MB; {self.memory_used_mb:.1f} of "
+                           f"{self.ws.memory_mb} MB in use")
             if problem is None and card is not None:
                 try:
                     engine = await asyncio.get_running_loop().run_in_executor(
-                        self._pool, self.factory, card, self.fleet
-                    )
+                        self._pool, self.factory, card, self.fleet)
                 except Exception as e:
                     problem = f"loading {model} failed: {' '.join(str(e).split())}"  # one line for logs and events
                 else:
@@ -270,16 +239,13 @@ class Worker:
                     self._measured[model] = measured
                     if self.memory_used_mb + measured > self.ws.memory_mb:  # the budget holds on measured sizes
                         engine.close()
-                        problem = (
-                            f"{model} measured {measured:.1f} MB; {self.memory_used_mb:.1f} of "
-                            f"{self.ws.memory_mb} MB in use"
-                        )
+                        problem = (f"{model} measured {measured:.1f} MB; {self.memory_used_mb:.1f} of "
+                                   f"{self.ws.memory_mb} MB in use")
                         await self.rt.client.hset(self.names.model(model), "memory_mb", f"{measured:.1f}")
                 if problem is None:
                     await self._host(card, engine)
-                    log.info(
-                        "loaded %s in %.2fs (%.1f MB) [%s]", model, engine.load_s, self.hosted[model].memory_mb, reason
-                    )
+                    log.info("loaded %s in %.2fs (%.1f MB) [%s]", model, engine.load_s,
+                             self.hosted[model].memory_mb, reason)
                     return True
             log.error("%s", problem)
             await self._event("load_failed", model, problem or "")
@@ -293,14 +259,8 @@ class Worker:
         memory_mb = max(engine.memory_bytes / 2**20, 0.1)
         stream = self.names.work(card.name)
         await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
-        consumer = self.rt.consumer(
-            stream,
-            self.names.GROUP_WORKERS,
-            handler=partial(self.serve, card.name),
-            batch=1,
-            block_ms=500,
-            trim_acked=True,
-        )
+        consumer = self.rt.consumer(stream, self.names.GROUP_WORKERS, handler=partial(self.serve, card.name),
+                                    batch=1, block_ms=500, trim_acked=True)
         self.hosted[card.name] = Hosted(card, engine, consumer, memory_mb)
         alpha = self.settings.qos.ewma_alpha
         pipe = self.rt.client.pipeline(transaction=True)
@@ -325,7 +285,8 @@ class Worker:
         await self.rt.retire(hosted.consumer)
         await asyncio.get_running_loop().run_in_executor(self._pool, hosted.engine.close)
         # An isolated engine's child was measured just before it was killed: that is what came back.
-        freed_mb = hosted.engine.freed_bytes / 2**20 if isinstance(hosted.engine, IsolatedEngine) else hosted.memory_mb
+        freed_mb = hosted.engine.freed_bytes / 2**20 if isinstance(hosted.engine, IsolatedEngine) \
+            else hosted.memory_mb
         pipe = self.rt.client.pipeline(transaction=True)
         self.rt.kb.set_loaded(pipe, model, self.id, False)
         await pipe.execute()
@@ -378,12 +339,8 @@ class Worker:
     def _generate(self, hosted: Hosted, work: Work) -> dict[str, Any]:
         try:
             token = self.meter.start()
-            gen = hosted.engine.generate(
-                hosted.card.render(work.prompt),
-                max_new_tokens=work.max_new_tokens,
-                temperature=work.temperature,
-                seed=work.seed,
-            )
+            gen = hosted.engine.generate(hosted.card.render(work.prompt), max_new_tokens=work.max_new_tokens,
+                                         temperature=work.temperature, seed=work.seed)
             energy = self.meter.stop(token, gen.cpu_s)
         except Exception as e:
             log.exception("generation failed for %s", work.id, extra={"query_id": work.id})
@@ -394,62 +351,24 @@ class Worker:
         now_ms = time.time() * 1000
         maxlen = self.settings.streams.maxlen
         if not outcome["ok"]:
-            result = Result(
-                id=work.id,
-                attempt=work.attempt,
-                model=work.model,
-                worker=self.id,
-                ok=False,
-                error=outcome["error"],
-                queue_ms=queue_ms,
-                energy_source=self.meter.source,
-            )
-            telemetry = Telemetry(
-                model=work.model,
-                worker=self.id,
-                ok=False,
-                inference_ms=0.0,
-                queue_ms=queue_ms,
-                tokens_out=0,
-                energy_j=0.0,
-                confidence=0.0,
-                at_ms=now_ms,
-            )
+            result = Result(id=work.id, attempt=work.attempt, model=work.model, worker=self.id, ok=False,
+                            error=outcome["error"], queue_ms=queue_ms, energy_source=self.meter.source)
+            telemetry = Telemetry(model=work.model, worker=self.id, ok=False, inference_ms=0.0, queue_ms=queue_ms,
+                                  tokens_out=0, energy_j=0.0, confidence=0.0, at_ms=now_ms)
         else:
             gen = outcome["gen"]
             inference_ms = gen.inference_ms + delay_ms
             result = Result(
-                id=work.id,
-                attempt=work.attempt,
-                model=work.model,
-                worker=self.id,
-                ok=True,
-                text=gen.text,
-                tokens_in=gen.tokens_in,
-                tokens_out=gen.tokens_out,
-                queue_ms=queue_ms,
-                inference_ms=inference_ms,
-                energy_j=outcome["energy_j"],
-                energy_source=self.meter.source,
-                confidence=gen.confidence,
+                id=work.id, attempt=work.attempt, model=work.model, worker=self.id, ok=True, text=gen.text,
+                tokens_in=gen.tokens_in, tokens_out=gen.tokens_out, queue_ms=queue_ms, inference_ms=inference_ms,
+                energy_j=outcome["energy_j"], energy_source=self.meter.source, confidence=gen.confidence,
                 finish_reason=gen.finish_reason,
             )
-            telemetry = Telemetry(
-                model=work.model,
-                worker=self.id,
-                ok=True,
-                inference_ms=inference_ms,
-                queue_ms=queue_ms,
-                tokens_out=gen.tokens_out,
-                energy_j=outcome["energy_j"],
-                confidence=gen.confidence,
-                at_ms=now_ms,
-            )
-        return (
-            Effects()
-            .xadd(self.names.results, encode(result), maxlen=maxlen)
-            .xadd(self.names.telemetry, encode(telemetry), maxlen=maxlen)
-        )
+            telemetry = Telemetry(model=work.model, worker=self.id, ok=True, inference_ms=inference_ms,
+                                  queue_ms=queue_ms, tokens_out=gen.tokens_out, energy_j=outcome["energy_j"],
+                                  confidence=gen.confidence, at_ms=now_ms)
+        return (Effects().xadd(self.names.results, encode(result), maxlen=maxlen)
+                .xadd(self.names.telemetry, encode(telemetry), maxlen=maxlen))
 
 
 def max_context(card: ModelCard, fleet: Fleet) -> int:
@@ -475,18 +394,10 @@ def card_exemplars(card: ModelCard, fleet: Fleet) -> list[str]:
 
 def _card_fields(card: ModelCard, fleet: Fleet) -> dict[str, Any]:
     return {
-        "max_context": max_context(card, fleet),
-        "exemplars": card_exemplars(card, fleet),
-        "description": card.description,
-        "examples": list(card.examples),
-        "domains": list(card.domains),
-        "prompt_template": card.prompt_template,
-        "params": card.params,
-        "memory_mb": card.memory_mb,
-        "source": card.source,
-        "baseline": card.baseline,
-        "quality": dict(card.quality),
-        "eos_token": card.eos_token,
+        "max_context": max_context(card, fleet), "exemplars": card_exemplars(card, fleet),
+        "description": card.description, "examples": list(card.examples), "domains": list(card.domains),
+        "prompt_template": card.prompt_template, "params": card.params, "memory_mb": card.memory_mb,
+        "source": card.source, "baseline": card.baseline, "quality": dict(card.quality), "eos_token": card.eos_token,
     }
 
 

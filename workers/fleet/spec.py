@@ -155,7 +155,7 @@ class Fleet:
                     row = json.loads(line)
                     prompt = row.get("prompt") if isinstance(row, dict) else None
                     if not isinstance(prompt, str) or not prompt:
-                        raise FleetError(f'{path}:{number}: expected {{"prompt": "..."}}')
+                        raise FleetError(f"{path}:{number}: expected {{\"prompt\": \"...\"}}")
                     out.append(prompt)
         except OSError as e:
             raise FleetError(f"{path}: cannot read exemplars of model {card.name!r}: {e.strerror}") from e
