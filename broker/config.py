@@ -78,6 +78,10 @@ class PlannerSettings:
     explore_interval_s: float = 10.0  # probe a near-best model whose QoS is older than this, once per interval
     explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
     route_to_baseline: bool = False  # let automatic routing choose models marked baseline
+    # Held-out quality floor: automatic routing leaves out a model whose card reports a held-out quality on
+    # the query's domain more than this fraction below the best card's on that domain (baselines included:
+    # one better than every specialist gets the domain's queries). 1.0 turns the floor off.
+    quality_tolerance: float = 0.0
     fit_temperature: float = 0.2  # softmax temperature turning cosine fits into shares (0: raw cosine)
     classifier_weight: float = 0.7  # share of a specialist's fit given by the domain classifier (0: cosine only)
     classifier_temperature: float = 0.1  # softmax temperature over the classifier's scores

@@ -53,6 +53,9 @@ return #members
 """
 
 
+QUALITY_SE_SUFFIX = "_se"  # a card's `<domain>.<metric>_se`: the standard error of that held-out mean
+
+
 @dataclass(frozen=True, slots=True)
 class ModelState:
     """A model card plus what the system has learned about the model so far."""
@@ -66,7 +69,7 @@ class ModelState:
     memory_mb: float = 0.0
     baseline: bool = False
     source: str = ""
-    quality: dict[str, float] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)  # held-out `<domain>.<metric>` (+ QUALITY_SE_SUFFIX)
     max_context: int = 0  # tokens the model can attend to (0: unknown)
     latency_ms: float | None = None
     queue_ms: float | None = None

@@ -318,6 +318,7 @@ def cmd_fleet_build(args: argparse.Namespace) -> int:
 
 
 def cmd_fleet_list(args: argparse.Namespace) -> int:
+    from broker.kb import QUALITY_SE_SUFFIX
     from calm.fleets import open_fleet
 
     fleet = open_fleet(settings_from(args))
@@ -336,7 +337,10 @@ def cmd_fleet_list(args: argparse.Namespace) -> int:
     for col in ("name", "domains", "params", "memory_mb", "baseline", "quality"):
         table.add_column(col)
     for r in rows:
-        quality = ", ".join(f"{k}={v:.3f}" for k, v in r["quality"].items())
+        q = r["quality"]
+        quality = ", ".join(
+            f"{k}={v:.3f}" + (f"±{q[k + QUALITY_SE_SUFFIX]:.3f}" if k + QUALITY_SE_SUFFIX in q else "")
+            for k, v in q.items() if not k.endswith(QUALITY_SE_SUFFIX))
         table.add_row(r["name"], ",".join(r["domains"]), f"{r['params']:,}", str(r["memory_mb"]),
                       "yes" if r["baseline"] else "", quality)
     Console().print(table)

@@ -8,12 +8,12 @@ import time
 
 from broker.codec import decode_as, encode
 from broker.effects import Effects, Entry
-from broker.messages import Decision, Planned, Query, Scored, WantModel
+from broker.messages import Candidate, Decision, Planned, Query, Scored, WantModel
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.cache import exact_hit
 from calm_actors.fleetview import FleetView, LiveView, ViewLoader
-from calm_actors.planning import Routable, make_strategy, utility
+from calm_actors.planning import Routable, heldout_on, make_strategy, utility
 from calm_actors.replying import answer_dead_query, query_rejection
 from calm_actors.tuning import Tuning
 
@@ -66,10 +66,7 @@ class Planner:
             return self._pass_exact_hit(message)
         query = message.query
         view = await self.live.fresh()
-        options = [
-            Routable(c, view.models[c.model].state.baseline if c.model in view.models else False)
-            for c in message.candidates
-        ]
+        options = [self._routable(c, view, message.domain) for c in message.candidates]
         effects = Effects()
         limit = self.settings.planner.max_queue_per_model
         open_options = [o for o in options if o.candidate.queue + self._sent.get(o.candidate.model, 0) < limit]
@@ -102,6 +99,13 @@ class Planner:
             want = WantModel(model=model, query_id=query.id, at_ms=now * 1000)
             effects.xadd(self.names.sched, encode(want), maxlen=self.settings.streams.maxlen)
         return effects
+
+    @staticmethod
+    def _routable(candidate: Candidate, view: FleetView, domain: str) -> Routable:
+        model = view.models.get(candidate.model)
+        if model is None:
+            return Routable(candidate, baseline=False)
+        return Routable(candidate, model.state.baseline, heldout_on(model.state.quality, domain))
 
     def _pass_exact_hit(self, message: Scored) -> Effects:
         """A query answered from the exact cache: no model runs, so no demand and no wants; the decision says so."""

@@ -2,16 +2,27 @@
 
 from __future__ import annotations
 
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
 import msgspec
 
 from broker.config import PlannerSettings
+from broker.kb import QUALITY_SE_SUFFIX
 from broker.messages import Candidate, Decision, Query
+
+
+@dataclass(frozen=True, slots=True)
+class Heldout:
+    """A model's measured quality on the query's domain (from its card): metric, value, standard error."""
+
+    metric: str
+    value: float
+    se: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -20,6 +31,43 @@ class Routable:
 
     candidate: Candidate
     baseline: bool
+    heldout: Heldout | None = None
+
+
+FLOOR_Z = 2.0  # a model is below the floor only when the gap exceeds this many standard errors of the difference
+
+
+def heldout_on(quality: Mapping[str, float], domain: str) -> Heldout | None:
+    """The card's quality on ``domain`` (the key ``domain`` or the first ``domain.<metric>``), if any."""
+    if not domain:
+        return None
+    keys = [domain] if domain in quality else sorted(
+        k for k in quality if k.startswith(f"{domain}.") and not k.endswith(QUALITY_SE_SUFFIX))
+    if not keys:
+        return None
+    return Heldout(keys[0], float(quality[keys[0]]), float(quality.get(keys[0] + QUALITY_SE_SUFFIX, 0.0)))
+
+
+def above_quality_floor(options: list[Routable], tolerance: float) -> list[Routable]:
+    """Options whose held-out quality is not clearly below the best on the same metric.
+
+    Clearly below: under the best by more than ``tolerance`` (a fraction of the best) plus ``FLOOR_Z``
+    standard errors of the difference (eval sets are samples: 1 item in 300 is no evidence). Options
+    without a measurement stay: a model nobody evaluated on the domain is not presumed worse.
+    """
+    best: dict[str, Heldout] = {}
+    for o in options:
+        h = o.heldout
+        if h is not None and (h.metric not in best or h.value > best[h.metric].value):
+            best[h.metric] = h
+
+    def kept(h: Heldout | None) -> bool:
+        if h is None:
+            return True
+        top = best[h.metric]
+        return h.value >= top.value * (1.0 - tolerance) - FLOOR_Z * math.hypot(h.se, top.se)
+
+    return [o for o in options if kept(o.heldout)]
 
 
 class Strategy(Protocol):
@@ -77,7 +125,9 @@ def if_loaded(c: Candidate) -> Candidate:
 class UtilityStrategy:
     """Highest utility among models expected to meet the query's SLOs; the closest when none can.
 
-    Residency-aware (a cold model pays its load time and a penalty, and the model that would have won
+    Quality-floored (models whose held-out quality on the query's domain is more than
+    ``quality_tolerance`` below the best model's are left out, a baseline that is best kept in),
+    residency-aware (a cold model pays its load time and a penalty, and the model that would have won
     if loaded is reported as ``wanted``) and exploring: a near-best model whose QoS has gone stale is
     probed with one query, at most once per ``explore_interval_s``, and only when it meets the SLOs.
     """
@@ -92,8 +142,8 @@ class UtilityStrategy:
         if query.model is not None:
             return Decision(model=query.model, reason=PINNED)
         w = self.weights
-        pool = [o.candidate for o in options if w.route_to_baseline or not o.baseline]
-        pool = pool or [o.candidate for o in options]
+        floored = above_quality_floor(options, w.quality_tolerance) if w.quality_tolerance < 1.0 else options
+        pool = [o.candidate for o in floored if w.route_to_baseline or not o.baseline or not _specialists(floored)]
         if not pool:
             return None
         meeting = [c for c in pool if meets_slo(c, query)]
@@ -140,6 +190,10 @@ class UtilityStrategy:
         choice = max(stale, key=lambda c: c.age_s)
         self._probed[choice.model] = now_s
         return choice
+
+
+def _specialists(options: list[Routable]) -> bool:
+    return any(not o.baseline for o in options)
 
 
 def routable_pool(options: list[Routable]) -> list[Candidate]:

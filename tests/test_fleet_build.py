@@ -38,7 +38,7 @@ def _check_cards(fleet: Fleet, profile: str) -> None:
     base = fleet.baseline()
     assert base is not None
     assert base.params > max(c.params for c in specialists)
-    assert base.train_tokens >= sum(c.train_tokens for c in specialists)
+    assert base.params * base.train_tokens >= sum(c.params * c.train_tokens for c in specialists)  # training compute
     assert set(fleet.eval_sets) == {d for c in fleet.models for d in c.domains}
     assert fleet.embedder_path is not None and (fleet.embedder_path / "tokenizer.json").is_file()
 

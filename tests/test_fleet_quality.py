@@ -28,6 +28,7 @@ def test_chrf_for_continuations() -> None:
 
 
 def test_aggregate_is_the_mean_under_the_metric_name() -> None:
-    assert aggregate("arithmetic", [1.0, 0.0, 1.0, 1.0]) == {"exact_match": 0.75}
-    assert aggregate("prose", [40.0, 60.0]) == {"chrf": 50.0}
+    assert aggregate("arithmetic", [1.0, 0.0, 1.0, 1.0]) == {"exact_match": 0.75, "exact_match_se": 0.25}
+    assert aggregate("prose", [40.0, 60.0]) == {"chrf": 50.0, "chrf_se": 10.0}
+    assert aggregate("sorting", [1.0]) == {"exact_match": 1.0}
     assert aggregate("sorting", []) == {"exact_match": 0.0}

@@ -12,7 +12,17 @@ from broker.config import PlannerSettings
 from broker.kb import ModelState
 from broker.messages import Candidate, Query
 from calm_actors.fleetview import FleetView, ModelView
-from calm_actors.planning import Routable, UtilityStrategy, make_strategy, meets_slo, slo_shortfall, utility
+from calm_actors.planning import (
+    Heldout,
+    Routable,
+    UtilityStrategy,
+    above_quality_floor,
+    heldout_on,
+    make_strategy,
+    meets_slo,
+    slo_shortfall,
+    utility,
+)
 from calm_actors.scoring import (
     DEFAULT_ENERGY_PER_TOKEN_J,
     DEFAULT_LOAD_S,
@@ -97,6 +107,64 @@ def test_baseline_is_excluded_from_auto_routing() -> None:
 def test_baseline_is_used_when_nothing_else_exists() -> None:
     decision = UtilityStrategy(W).choose(_q(), _opts(_c("base"), baseline=("base",)))
     assert decision is not None and decision.model == "base"
+
+
+def _measured(c: Candidate, value: float | None, baseline: bool = False, metric: str = "arithmetic.exact_match",
+              se: float = 0.0) -> Routable:
+    return Routable(c, baseline, None if value is None else Heldout(metric, value, se))
+
+
+def test_a_baseline_measured_better_on_the_domain_than_every_specialist_gets_the_query() -> None:
+    base = _measured(_c("base", fit=0.1, latency_ms=400.0, energy_j=1.0), 0.983, baseline=True)
+    small = _measured(_c("small", fit=0.9, latency_ms=20.0), 0.943)
+    decision = UtilityStrategy(W).choose(_q(), [base, small])
+    assert decision is not None and decision.model == "base"
+    assert decision.fallbacks == []  # the specialist is below the floor: not a fallback either
+    # with a tolerance that covers the gap, the specialist's fit and cost win again
+    loose = UtilityStrategy(dataclasses.replace(W, quality_tolerance=0.05)).choose(_q(), [base, small])
+    assert loose is not None and loose.model == "small"
+    # 1.0 turns the floor off
+    off = UtilityStrategy(dataclasses.replace(W, quality_tolerance=1.0)).choose(_q(), [base, small])
+    assert off is not None and off.model == "small"
+
+
+def test_a_specialist_at_least_as_good_as_the_baseline_keeps_the_baseline_out() -> None:
+    base = _measured(_c("base", fit=0.9, latency_ms=1.0), 0.95, baseline=True)
+    small = _measured(_c("small", fit=0.2), 1.0)
+    worse = _measured(_c("worse", fit=0.9, latency_ms=1.0), 0.5)
+    decision = UtilityStrategy(W).choose(_q(), [base, small, worse])
+    assert decision is not None and decision.model == "small"
+
+
+def test_the_floor_compares_models_only_on_the_same_metric_and_keeps_unmeasured_ones() -> None:
+    chrf = _measured(_c("a"), 12.0, metric="code.chrf")
+    lower_chrf = _measured(_c("b"), 9.0, metric="code.chrf")
+    exact = _measured(_c("c"), 0.5, metric="code.exact_match")
+    unmeasured = _measured(_c("d"), None)
+    kept = above_quality_floor([chrf, lower_chrf, exact, unmeasured], tolerance=0.1)
+    assert [o.candidate.model for o in kept] == ["a", "c", "d"]
+    assert [o.candidate.model for o in above_quality_floor([chrf, lower_chrf], tolerance=0.25)] == ["a", "b"]
+
+
+def test_a_gap_within_the_eval_sets_noise_is_no_evidence() -> None:
+    # 1 sort in 300 right against none: two standard errors of the difference cover it
+    lucky = _measured(_c("base", fit=0.1), 0.0033, baseline=True, se=0.0033)
+    small = _measured(_c("small", fit=0.9), 0.0, se=0.0)
+    decision = UtilityStrategy(W).choose(_q(), [lucky, small])
+    assert decision is not None and decision.model == "small"
+    # 98.3 % against 94.3 % on 300 items each is a real gap
+    base = _measured(_c("base", fit=0.1), 0.983, baseline=True, se=0.0075)
+    arith = _measured(_c("small", fit=0.9), 0.943, se=0.0134)
+    assert [o.candidate.model for o in above_quality_floor([base, arith], tolerance=0.0)] == ["base"]
+
+
+def test_heldout_on_reads_the_cards_metric_for_the_domain() -> None:
+    quality = {"arithmetic.exact_match": 0.9, "arithmetic.exact_match_se": 0.02, "code.chrf": 11.2,
+               "exact_match": 0.9}
+    assert heldout_on(quality, "code") == Heldout("code.chrf", 11.2, 0.0)
+    assert heldout_on(quality, "arithmetic") == Heldout("arithmetic.exact_match", 0.9, 0.02)
+    assert heldout_on({"prose": 0.7}, "prose") == Heldout("prose", 0.7)
+    assert heldout_on(quality, "prose") is None and heldout_on(quality, "") is None
 
 
 def test_no_options_means_no_decision() -> None:

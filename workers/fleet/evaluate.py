@@ -28,7 +28,8 @@ def evaluate_items(model: GreedyOnnx, items: Sequence[EvalItem]) -> list[float]:
 def evaluate_model(
     model_dir: Path, eval_sets: Mapping[str, Sequence[EvalItem]], eos_token: str, threads: int = 2
 ) -> dict[str, float]:
-    """Quality per domain as `{"<domain>.<metric>": value}`, plus the bare metric for one domain."""
+    """Quality per domain as `{"<domain>.<metric>": value}` with its standard error at
+    `<domain>.<metric>_se`, plus the bare metric for one domain."""
     model = GreedyOnnx(model_dir, eos_token=eos_token, threads=threads)
     quality: dict[str, float] = {}
     for domain, items in eval_sets.items():

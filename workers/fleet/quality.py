@@ -7,7 +7,10 @@ model that keeps generating past the reference span is judged on the same span.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Mapping
+
+from broker.kb import QUALITY_SE_SUFFIX
 
 EXACT_MATCH = "exact_match"
 CHRF = "chrf"
@@ -42,7 +45,13 @@ def chrf(prediction: str, reference: str) -> float:
 
 
 def aggregate(domain: str, scores: Iterable[float]) -> dict[str, float]:
-    """Mean of per-item scores as `{metric: value}` (exact match as a fraction, chrF in 0-100)."""
+    """Mean of per-item scores as `{metric: value}` (exact match as a fraction, chrF in 0-100), and with
+    two or more items its standard error as `{metric}_se` (sample deviation / √n)."""
     values = list(scores)
-    mean = sum(values) / len(values) if values else 0.0
-    return {metric_for(domain): round(mean, 4)}
+    n = len(values)
+    mean = sum(values) / n if values else 0.0
+    out = {metric_for(domain): round(mean, 4)}
+    if n >= 2:
+        variance = sum((v - mean) ** 2 for v in values) / (n - 1)
+        out[metric_for(domain) + QUALITY_SE_SUFFIX] = round(math.sqrt(variance / n), 4)
+    return out
