@@ -163,6 +163,10 @@ class UtilityStrategy:
         reason = f"highest utility of {len(meeting)} models meeting the SLOs"
         if wanted:
             reason += f"; {wanted} would fit better once loaded"
+        if len(floored) < len(options):
+            kept = {o.candidate.model for o in floored}
+            reason += "; below the held-out quality floor: " + ", ".join(
+                o.candidate.model for o in options if o.candidate.model not in kept)
         return Decision(model=best.model, utility=utility(best, w), reason=reason, wanted=wanted,
                         fallbacks=self._fallbacks(pool, best.model))
 

@@ -120,6 +120,7 @@ def test_a_baseline_measured_better_on_the_domain_than_every_specialist_gets_the
     decision = UtilityStrategy(W).choose(_q(), [base, small])
     assert decision is not None and decision.model == "base"
     assert decision.fallbacks == []  # the specialist is below the floor: not a fallback either
+    assert decision.reason.endswith("below the held-out quality floor: small")
     # with a tolerance that covers the gap, the specialist's fit and cost win again
     loose = UtilityStrategy(dataclasses.replace(W, quality_tolerance=0.05)).choose(_q(), [base, small])
     assert loose is not None and loose.model == "small"
