@@ -61,7 +61,7 @@ def _text_model(
     name: str, description: str, examples: tuple[str, ...], steps: int, hidden: int = 128, lr: float = 5e-3
 ) -> ModelRecipe:
     """A continuation specialist: 3 layers, own 1024-token vocabulary; ~0.8M parameters at width 128,
-    ~1.6M at width 192 (a decoding step costs about the same: its work is mostly per-layer overhead)."""
+    ~1.6M at width 192."""
     return ModelRecipe(
         name=name,
         description=description,
