@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
     listing = fsub.add_parser("list", help="list a fleet's models")
     _common(listing)
     listing.add_argument("--json", action="store_true")
+    evaluate = fsub.add_parser("evaluate", help="measure models' held-out quality on the fleet's eval sets "
+                               "and write it into their cards (what the router's quality floor compares)")
+    _common(evaluate)
+    evaluate.add_argument("--models", nargs="*", default=[], help="only these models (default: all)")
     export = fsub.add_parser("export", help="export a Hugging Face causal LM checkpoint into a fleet")
     _common(export)
     export.add_argument("checkpoint", help="local checkpoint directory (or a hub id where you have one)")
@@ -347,6 +351,19 @@ def cmd_fleet_list(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_fleet_evaluate(args: argparse.Namespace) -> int:
+    from calm.fleets import fleet_dir
+    from workers.fleet.evaluate import evaluate_fleet
+
+    settings = settings_from(args)
+    logs.setup("fleet", settings.log.level, settings.log.json)
+    fleet = evaluate_fleet(fleet_dir(settings), models=list(args.models))
+    for card in fleet.models:
+        if not args.models or card.name in args.models:
+            print(card.name, json.dumps(dict(card.quality), sort_keys=True))
+    return EXIT_OK
+
+
 def cmd_fleet_export(args: argparse.Namespace) -> int:
     from calm.fleets import fleet_dir
     from workers.fleet import export_checkpoint_to_fleet
@@ -392,6 +409,7 @@ COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
     "up": cmd_up, "demo": cmd_demo, "actor": cmd_actor, "worker": cmd_worker, "query": cmd_query, "status": cmd_status,
     "config show": cmd_config, "config set": cmd_config, "config unset": cmd_config,
     "fleet build": cmd_fleet_build, "fleet list": cmd_fleet_list, "fleet export": cmd_fleet_export,
+    "fleet evaluate": cmd_fleet_evaluate,
 }
 
 

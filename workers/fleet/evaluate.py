@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import replace
 from pathlib import Path
 
+from workers.fleet.data import read_eval_set
 from workers.fleet.greedy import GreedyOnnx
 from workers.fleet.quality import aggregate, metric_for, score
+from workers.fleet.spec import Fleet, FleetError, load_fleet, write_fleet
 from workers.fleet.synthetic import EvalItem
 
 PAIR_MAX_NEW_TOKENS = 16
@@ -39,3 +42,32 @@ def evaluate_model(
         (domain,) = eval_sets
         quality[metric_for(domain)] = quality[f"{domain}.{metric_for(domain)}"]
     return quality
+
+
+def evaluate_fleet(directory: Path | str, models: Sequence[str] = (), threads: int = 2) -> Fleet:
+    """Measure the held-out quality of a fleet's models (all, or those named) on the fleet's eval sets,
+    for each domain on their cards that has one, and write it into their cards.
+
+    For a model exported into a fleet (or one built before a metric was recorded): the router's quality
+    floor compares models by these figures. Other quality entries on a card are kept.
+    """
+    fleet = load_fleet(directory)
+    unknown = sorted(set(models) - set(fleet.names))
+    if unknown:
+        raise FleetError(f"{fleet.root}: no model named {', '.join(map(repr, unknown))}")
+    cards = []
+    for card in fleet.models:
+        domains = [d for d in card.domains if d in fleet.eval_sets]
+        if (models and card.name not in models) or not domains:
+            cards.append(card)
+            continue
+        sets = {
+            d: [replace(item, prompt=card.render(item.prompt)) for item in read_eval_set(fleet.eval_sets[d])]
+            for d in domains
+        }
+        measured = evaluate_model(fleet.model_dir(card), sets, card.eos_token, threads=threads)
+        kept = {k: v for k, v in card.quality.items() if k.split(".")[0] not in domains and k not in measured}
+        cards.append(replace(card, quality={**kept, **measured}))
+    updated = replace(fleet, models=tuple(cards))
+    write_fleet(updated)
+    return load_fleet(fleet.root)
