@@ -78,15 +78,19 @@ class PlannerSettings:
     explore_interval_s: float = 10.0  # probe a near-best model whose QoS is older than this, once per interval
     explore_margin: float = 0.2  # only models whose utility is within this of the best are probed
     route_to_baseline: bool = False  # let automatic routing choose models marked baseline
-    # Held-out quality floor: automatic routing leaves out a model whose card reports a held-out quality on
-    # the query's domain more than this fraction below the best card's on that domain (baselines included:
-    # one better than every specialist gets the domain's queries). 1.0 turns the floor off.
+    # Held-out quality floor: automatic routing leaves out a model whose card's held-out quality on the
+    # query's domain is below the best card's there by more than this fraction plus two standard errors
+    # (baselines included: one better than every specialist gets the domain's queries). 1 turns it off.
     quality_tolerance: float = 0.0
     fit_temperature: float = 0.2  # softmax temperature turning cosine fits into shares (0: raw cosine)
     classifier_weight: float = 0.7  # share of a specialist's fit given by the domain classifier (0: cosine only)
     classifier_temperature: float = 0.1  # softmax temperature over the classifier's scores
     classifier_ridge: float = 0.5  # ridge penalty when the monitor trains the classifier
     max_queue_per_model: int = 256  # backpressure: a model with this much work waiting takes no more
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.quality_tolerance <= 1.0:
+            raise ConfigError(f"planner.quality_tolerance must be within [0, 1], got {self.quality_tolerance}")
 
 
 @dataclass(frozen=True, slots=True)
