@@ -38,7 +38,9 @@ PROSE_DESC = (
 PAIR_VOCAB = ("arithmetic", "sorting")  # the arithmetic and sorting models share one small tokenizer
 
 
-def _pair_model(name: str, domain: str, description: str, examples: tuple[str, ...], steps: int) -> ModelRecipe:
+def _pair_model(
+    name: str, domain: str, description: str, examples: tuple[str, ...], steps: int, lr: float = 3e-3
+) -> ModelRecipe:
     """A ~0.7M-parameter question/answer specialist (4 layers, width 128)."""
     return ModelRecipe(
         name=name,
@@ -49,7 +51,7 @@ def _pair_model(name: str, domain: str, description: str, examples: tuple[str, .
         layers=4,
         heads=4,
         intermediate=256,
-        lr=3e-3,
+        lr=lr,
         seed=0,
         max_positions=64,
         tokenizer_domains=PAIR_VOCAB,
@@ -135,8 +137,12 @@ def demo() -> FleetRecipe:
     takes 1,000 each, code 2,400 steps on a wider model (width 192) where the baseline takes 1,800;
     prose 1,800 steps on both sides. The baseline's training (5,600 steps) is most of the build, so the
     builder trains one model at a time on every thread (specialists first): about two hours on 2 cores.
+
+    Arithmetic trains at half the pair models' learning rate: at 3e-3 its training is unstable (held-out
+    exact match 99.3 % at 1,000 steps with seed 0, 39 % with seed 1, 94.3 % at 2,500 steps); at 1.5e-3
+    and 2,500 steps it gave 99.0 % and 99.7 % (seeds 0 and 1).
     """
-    arith = _pair_model("arith", "arithmetic", ARITH_DESC, ARITH_EXAMPLES, steps=2500)
+    arith = _pair_model("arith", "arithmetic", ARITH_DESC, ARITH_EXAMPLES, steps=2500, lr=1.5e-3)
     sort = _pair_model("sort", "sorting", SORT_DESC, SORT_EXAMPLES, steps=2000)
     code = _text_model("code", CODE_DESC, CODE_EXAMPLES, steps=2400, hidden=192, lr=4e-3)
     prose = _text_model("prose", PROSE_DESC, PROSE_EXAMPLES, steps=1800)
