@@ -105,7 +105,9 @@ class Planner:
         model = view.models.get(candidate.model)
         if model is None:
             return Routable(candidate, baseline=False)
-        return Routable(candidate, model.state.baseline, heldout_on(model.state.quality, domain))
+        domains = model.state.domains
+        return Routable(candidate, model.state.baseline, heldout_on(model.state.quality, domain),
+                        claims_domain=not domains or not domain or domain in domains)
 
     def _pass_exact_hit(self, message: Scored) -> Effects:
         """A query answered from the exact cache: no model runs, so no demand and no wants; the decision says so."""

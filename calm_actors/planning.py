@@ -32,6 +32,7 @@ class Routable:
     candidate: Candidate
     baseline: bool
     heldout: Heldout | None = None
+    claims_domain: bool = True  # the card lists the query's domain, or lists no domain at all
 
 
 FLOOR_Z = 2.0  # a model is below the floor only when the gap exceeds this many standard errors of the difference
@@ -52,8 +53,9 @@ def above_quality_floor(options: list[Routable], tolerance: float) -> list[Routa
     """Options whose held-out quality is not clearly below the best on the same metric.
 
     Clearly below: under the best by more than ``tolerance`` (a fraction of the best) plus ``FLOOR_Z``
-    standard errors of the difference (eval sets are samples: 1 item in 300 is no evidence). Options
-    without a measurement stay: a model nobody evaluated on the domain is not presumed worse.
+    standard errors of the difference (eval sets are samples: 1 item in 300 is no evidence). An option
+    without a measurement stays if its card claims the domain (or no domain): a model nobody evaluated
+    is not presumed worse. When nothing is measured on the domain, every option stays.
     """
     best: dict[str, Heldout] = {}
     for o in options:
@@ -61,13 +63,17 @@ def above_quality_floor(options: list[Routable], tolerance: float) -> list[Routa
         if h is not None and (h.metric not in best or h.value > best[h.metric].value):
             best[h.metric] = h
 
-    def kept(h: Heldout | None) -> bool:
+    if not best:
+        return options
+
+    def kept(o: Routable) -> bool:
+        h = o.heldout
         if h is None:
-            return True
+            return o.claims_domain
         top = best[h.metric]
         return h.value >= top.value * (1.0 - tolerance) - FLOOR_Z * math.hypot(h.se, top.se)
 
-    return [o for o in options if kept(o.heldout)]
+    return [o for o in options if kept(o)]
 
 
 class Strategy(Protocol):

@@ -129,6 +129,22 @@ def test_a_baseline_measured_better_on_the_domain_than_every_specialist_gets_the
     assert off is not None and off.model == "small"
 
 
+def test_specialists_of_other_domains_do_not_stand_in_for_one_below_the_floor() -> None:
+    # the demo fleet: arithmetic's specialist measurably below the baseline; sort, code, prose never
+    # measured on arithmetic (their cards claim other domains) must not take its queries
+    base = _measured(_c("generalist", fit=0.2, latency_ms=40.0), 0.987, baseline=True, se=0.0066)
+    arith = _measured(_c("arith", fit=0.7, latency_ms=14.0), 0.943, se=0.0134)
+    others = [Routable(_c(name, fit=0.05, latency_ms=15.0), False, None, claims_domain=False)
+              for name in ("sort", "code", "prose")]
+    new_math = Routable(_c("qwen-math", fit=0.3), False, None, claims_domain=True)
+    decision = UtilityStrategy(W).choose(_q(), [base, arith, *others])
+    assert decision is not None and decision.model == "generalist"
+    assert [o.candidate.model for o in above_quality_floor([base, arith, *others, new_math], 0.0)] == [
+        "generalist", "qwen-math"]  # an unmeasured model that claims the domain is not presumed worse
+    # nothing measured on the domain: the floor leaves every option in
+    assert above_quality_floor(others, 0.0) == others
+
+
 def test_a_specialist_at_least_as_good_as_the_baseline_keeps_the_baseline_out() -> None:
     base = _measured(_c("base", fit=0.9, latency_ms=1.0), 0.95, baseline=True)
     small = _measured(_c("small", fit=0.2), 1.0)
@@ -141,7 +157,7 @@ def test_the_floor_compares_models_only_on_the_same_metric_and_keeps_unmeasured_
     chrf = _measured(_c("a"), 12.0, metric="code.chrf")
     lower_chrf = _measured(_c("b"), 9.0, metric="code.chrf")
     exact = _measured(_c("c"), 0.5, metric="code.exact_match")
-    unmeasured = _measured(_c("d"), None)
+    unmeasured = _measured(_c("d"), None)  # claims the domain
     kept = above_quality_floor([chrf, lower_chrf, exact, unmeasured], tolerance=0.1)
     assert [o.candidate.model for o in kept] == ["a", "c", "d"]
     assert [o.candidate.model for o in above_quality_floor([chrf, lower_chrf], tolerance=0.25)] == ["a", "b"]
