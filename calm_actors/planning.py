@@ -149,6 +149,7 @@ class UtilityStrategy:
             return Decision(model=query.model, reason=PINNED)
         w = self.weights
         floored = above_quality_floor(options, w.quality_tolerance) if w.quality_tolerance < 1.0 else options
+        tiers = (floored, options)
         pool = [o.candidate for o in floored if w.route_to_baseline or not o.baseline or not _specialists(floored)]
         if not pool:
             return None
@@ -157,14 +158,14 @@ class UtilityStrategy:
             closest = min(pool, key=lambda c: (slo_shortfall(c, query), -utility(c, w)))
             return Decision(model=closest.model, utility=utility(closest, w), slo_met=False,
                             reason="no model is expected to meet the SLOs; chose the closest",
-                            fallbacks=self._fallbacks(pool, closest.model))
+                            fallbacks=self._fallbacks(pool, closest.model, tiers))
         best = max(meeting, key=lambda c: utility(c, w))
         ideal = max(pool, key=lambda c: utility(if_loaded(c), w))
         wanted = ideal.model if ideal.model != best.model and not ideal.loaded else ""
         probe = self._probe(meeting, best, time.time() if now_s is None else now_s)
         if probe is not None:
             return Decision(model=probe.model, utility=utility(probe, w), explored=True, wanted=wanted,
-                            fallbacks=[best.model, *self._fallbacks(pool, probe.model, 1)],
+                            fallbacks=[best.model, *self._fallbacks(pool, probe.model, tiers, 1)],
                             reason=f"exploring: QoS of {probe.model} is {probe.age_s:.0f}s old (best was {best.model})")
         reason = f"highest utility of {len(meeting)} models meeting the SLOs"
         if wanted:
@@ -174,10 +175,17 @@ class UtilityStrategy:
             reason += "; below the held-out quality floor: " + ", ".join(
                 o.candidate.model for o in options if o.candidate.model not in kept)
         return Decision(model=best.model, utility=utility(best, w), reason=reason, wanted=wanted,
-                        fallbacks=self._fallbacks(pool, best.model))
+                        fallbacks=self._fallbacks(pool, best.model, tiers))
 
-    def _fallbacks(self, pool: list[Candidate], chosen: str, n: int = 2) -> list[str]:
+    def _fallbacks(self, pool: list[Candidate], chosen: str, tiers: tuple[list[Routable], ...] = (),
+                   n: int = 2) -> list[str]:
+        """The next ``n`` choices: the pool by utility, then the options it left out (a baseline above the
+        quality floor, then models below it), so a failed attempt still finds a model to retry on."""
         ranked = sorted((c for c in pool if c.model != chosen), key=lambda c: -utility(c, self.weights))
+        for tier in tiers:
+            ranked += sorted((o.candidate for o in tier if o.candidate.model != chosen
+                              and all(o.candidate.model != c.model for c in ranked)),
+                             key=lambda c: -utility(c, self.weights))
         return [c.model for c in ranked[:n]]
 
     def _probe(self, meeting: list[Candidate], best: Candidate, now_s: float) -> Candidate | None:

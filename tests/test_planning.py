@@ -119,7 +119,7 @@ def test_a_baseline_measured_better_on_the_domain_than_every_specialist_gets_the
     small = _measured(_c("small", fit=0.9, latency_ms=20.0), 0.943)
     decision = UtilityStrategy(W).choose(_q(), [base, small])
     assert decision is not None and decision.model == "base"
-    assert decision.fallbacks == []  # the specialist is below the floor: not a fallback either
+    assert decision.fallbacks == ["small"]  # below the floor, yet a last resort when the choice fails
     assert decision.reason.endswith("below the held-out quality floor: small")
     # with a tolerance that covers the gap, the specialist's fit and cost win again
     loose = UtilityStrategy(dataclasses.replace(W, quality_tolerance=0.05)).choose(_q(), [base, small])
