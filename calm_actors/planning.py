@@ -181,12 +181,15 @@ class UtilityStrategy:
                    n: int = 2) -> list[str]:
         """The next ``n`` choices: the pool by utility, then the options it left out (a baseline above the
         quality floor, then models below it), so a failed attempt still finds a model to retry on."""
-        ranked = sorted((c for c in pool if c.model != chosen), key=lambda c: -utility(c, self.weights))
+        names = [c.model for c in sorted(pool, key=lambda c: -utility(c, self.weights)) if c.model != chosen]
         for tier in tiers:
-            ranked += sorted((o.candidate for o in tier if o.candidate.model != chosen
-                              and all(o.candidate.model != c.model for c in ranked)),
-                             key=lambda c: -utility(c, self.weights))
-        return [c.model for c in ranked[:n]]
+            if len(names) >= n:
+                break
+            seen = {chosen, *names}
+            rest = sorted((o.candidate for o in tier if o.candidate.model not in seen),
+                          key=lambda c: -utility(c, self.weights))
+            names += [c.model for c in rest]
+        return names[:n]
 
     def _probe(self, meeting: list[Candidate], best: Candidate, now_s: float) -> Candidate | None:
         interval = self.weights.explore_interval_s
