@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import platform
 import statistics
 from collections import Counter
@@ -58,10 +59,61 @@ def stats(rows: list[dict[str, Any]], duration_s: float, cold_loads: int) -> dic
         "quality": round(statistics.fmean(quality), 4) if quality else None,
         "route_ms_p50": percentile(route, 50),
         "route_ms_p99": percentile(route, 99),
+        "route_split_ms_p50": route_split(ok),
         "cache_hits": sum(1 for r in ok if r["reply"].get("cached") == "1"),
         "cold_loads": cold_loads,
         "routed": dict(Counter(r["reply"].get("model", "") for r in ok)),
     }
+
+
+# route_ms's stages: each is the time between two of the reply's marks (ms after arrival).
+ROUTE_STAGES = (("claim", "", "at_monitor_ms"), ("embed", "at_monitor_ms", "at_embedded_ms"),
+                ("analyze", "at_embedded_ms", "at_analyzer_ms"), ("plan", "at_analyzer_ms", "at_planner_ms"),
+                ("dispatch", "at_planner_ms", "route_ms"))
+
+
+def route_split(ok: list[dict[str, Any]]) -> dict[str, float | None]:
+    """Median time of each route stage over the replies that ran a model and carry every mark.
+
+    claim: ingress to the monitor's claim; embed; analyze: hop and scoring; plan: hop and decision;
+    dispatch: hop, cache lookup and dispatch. Stages sum to route_ms query by query, not median by median.
+    """
+    marks = [r["reply"] for r in ok if r["reply"].get("cached") in ("0", 0, False)
+             and all(r["reply"].get(m) not in (None, "") for _, _, m in ROUTE_STAGES)]
+    return {stage: percentile([float(rep[end]) - (float(rep[start]) if start else 0.0) for rep in marks], 50)
+            for stage, start, end in ROUTE_STAGES}
+
+
+def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
+    """Quality of ``other`` minus ``base`` per domain, query by query (both ran the same workload).
+
+    The mean difference with its standard error and a normal 95 % interval; ``verdict`` says whether the
+    interval lies wholly below zero (``lower``), above it (``higher``) or spans it (``no difference found``,
+    which is not proof of equality: see the interval's width).
+    """
+    if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
+        raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
+    diffs: dict[str, list[float]] = {}
+    for item, base_id, other_id in zip(base.items, base.ids, other.ids, strict=True):
+        pair = [_reply_text(run.replies.get(qid)) for run, qid in ((base, base_id), (other, other_id))]
+        quality = [quality_of(item.domain, text, item.reference) for text in pair]
+        diffs.setdefault(item.domain, []).append(quality[1] - quality[0])
+    out = {}
+    for domain, values in sorted(diffs.items()):
+        n = len(values)
+        mean = statistics.fmean(values)
+        se = statistics.stdev(values) / math.sqrt(n) if n > 1 else None
+        low, high = (mean - 1.96 * se, mean + 1.96 * se) if se is not None else (None, None)
+        verdict = ("lower" if high is not None and high < 0 else "higher" if low is not None and low > 0
+                   else "no difference found")
+        out[domain] = {"n": n, "diff": round(mean, 4), "se": None if se is None else round(se, 4),
+                       "ci95": [None if low is None else round(low, 4), None if high is None else round(high, 4)],
+                       "verdict": verdict}
+    return out
+
+
+def _reply_text(reply: dict[str, Any] | None) -> str:
+    return reply.get("text", "") if reply and reply.get("status") == "ok" else ""
 
 
 def control_plane(cpu_s: dict[str, float], roles: Sequence[str], replied: int, inference_j: float | None,
@@ -91,8 +143,8 @@ def strategy_report(run: Run, loads: Iterable[tuple[float, str]], control_roles:
     rows: list[dict[str, Any]] = []
     for qid, item in zip(run.ids, run.items, strict=True):
         reply = run.replies.get(qid)
-        text = reply.get("text", "") if reply and reply.get("status") == "ok" else ""
-        rows.append({"item": item, "reply": reply, "quality": quality_of(item.domain, text, item.reference)})
+        quality = quality_of(item.domain, _reply_text(reply), item.reference)
+        rows.append({"item": item, "reply": reply, "quality": quality})
     window = [m for t, m in loads if run.started_ms <= t <= run.ended_ms]
     duration_s = (run.ended_ms - run.started_ms) / 1000
     out: dict[str, Any] = {"overall": stats(rows, duration_s, len(window)), "domains": {}}
@@ -118,8 +170,10 @@ def change_pct(new: float | None, base: float | None) -> float | None:
     return round(100.0 * (new - base) / base, 1)
 
 
-def comparison(strategies: dict[str, Any], baseline: str = "single") -> dict[str, Any]:
-    """Each strategy's change against ``baseline`` in %, overall and per domain."""
+def comparison(strategies: dict[str, Any], baseline: str = "single", runs: dict[str, Run] | None = None
+               ) -> dict[str, Any]:
+    """Each strategy's change against ``baseline`` in %, overall and per domain; given the ``runs``, each
+    domain also gets ``quality_paired`` (:func:`paired_quality`)."""
     base = strategies.get(baseline)
     if base is None:
         return {}
@@ -132,6 +186,9 @@ def comparison(strategies: dict[str, Any], baseline: str = "single") -> dict[str
         out[name] = {"overall": {k: change_pct(rep["overall"].get(k), base["overall"].get(k)) for k in overall_keys},
                      "domains": {d: {k: change_pct(s[k], base["domains"].get(d, {}).get(k)) for k in keys}
                                  for d, s in rep["domains"].items()}}
+        if runs is not None and name in runs and baseline in runs:
+            for domain, paired in paired_quality(runs[baseline], runs[name]).items():
+                out[name]["domains"].setdefault(domain, {})["quality_paired"] = paired
     return out
 
 
@@ -234,7 +291,23 @@ def markdown(report: dict[str, Any]) -> str:
               "J all-in = J/query + the control plane's share: CPU seconds of the five actor processes (monitor, "
               "analyzer, planner, executor, scheduler) during the run × watts per core ÷ replies (an estimate).",
               "Quality: exact match (arithmetic, sorting) or chrF/100 (code, prose) on held-out prompts.", ""]
+    lines += _paired_section(report)
     return "\n".join(lines)
+
+
+def _paired_section(report: dict[str, Any]) -> list[str]:
+    rows = [(name, domain, d["quality_paired"]) for name, change in report.get("comparison", {}).items()
+            for domain, d in change.get("domains", {}).items() if "quality_paired" in d]
+    if not rows:
+        return []
+    lines = ["Quality against `single`, query by query (same prompts): mean difference (quality units), "
+             "95 % interval, verdict.", "", "| strategy | domain | n | Δ quality | 95 % interval | verdict |",
+             "|---|---|---|---|---|---|"]
+    for name, domain, p in rows:
+        low, high = p["ci95"]
+        interval = "-" if low is None else f"[{low:+.3f}, {high:+.3f}]"
+        lines.append(f"| {name} | {domain} | {p['n']} | {p['diff']:+.3f} | {interval} | {p['verdict']} |")
+    return [*lines, ""]
 
 
 def print_table(report: dict[str, Any]) -> None:

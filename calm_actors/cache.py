@@ -36,6 +36,7 @@ class _Mirror:
     refreshed: float = 0.0
     vectors: list[np.ndarray] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
+    matrix: np.ndarray | None = None  # ``vectors`` stacked, built on first search after a change
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,27 +87,47 @@ class ResponseCache:
         return (await self.lookup_many([(query, embedding, domain)]))[0]
 
     async def lookup_many(self, asks: list[tuple[Query, bytes, str]]) -> list[Hit | None]:
-        """Lookups for a batch: one MGET for the exact entries, then the semantic mirrors in memory."""
+        """Lookups for a batch in one round trip: the exact entries (MGET) and what the semantic mirrors of
+        the batch's domains have not read yet; then the mirrors are searched in memory."""
         hits: list[Hit | None] = [None] * len(asks)
         todo = [i for i, (q, _, _) in enumerate(asks) if eligible(q, self.settings)]
-        if self.settings.exact and todo:
-            raws: Any = await self.client.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
-            for i, raw in zip(todo, raws, strict=True):
+        if not todo:
+            return hits
+        exact = self.settings.exact
+        stale = self._stale_domains({asks[i][2] for i in todo if asks[i][1]}) if self.settings.semantic else []
+        if not exact and not stale:
+            return self._search_semantic(asks, todo, hits)
+        pipe = self.client.pipeline(transaction=False)
+        if exact:
+            pipe.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
+        for domain in stale:
+            pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
+        results: list[Any] = await pipe.execute()
+        if exact:
+            for i, raw in zip(todo, results.pop(0), strict=True):
                 if raw is not None:
                     with contextlib.suppress(DecodeError):  # unreadable: a miss, and the new reply overwrites it
                         hits[i] = exact_hit(raw)
+        for domain, rows in zip(stale, results, strict=True):
+            self._extend(self._mirrors[domain], rows)
+        return self._search_semantic(asks, todo, hits)
+
+    def _search_semantic(self, asks: list[tuple[Query, bytes, str]], todo: list[int],
+                         hits: list[Hit | None]) -> list[Hit | None]:
         if self.settings.semantic:
             for i in todo:
                 query, embedding, domain = asks[i]
                 if hits[i] is None and embedding:
-                    hits[i] = await self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
+                    hits[i] = self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
         return hits
 
-    async def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
-        mirror = await self._mirror(domain)
-        if not mirror.vectors:
+    def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
+        mirror = self._mirrors.get(domain)
+        if mirror is None or not mirror.entries:
             return None
-        sims = np.stack(mirror.vectors) @ vector
+        if mirror.matrix is None:
+            mirror.matrix = np.stack(mirror.vectors)
+        sims = mirror.matrix @ vector
         threshold = self.settings.threshold(domain)
         now = time.time()
         key = params_key(query)
@@ -121,23 +142,30 @@ class ResponseCache:
                 return Hit("semantic", entry["reply"], similarity)
         return None
 
-    async def _mirror(self, domain: str) -> _Mirror:
-        mirror = self._mirrors.setdefault(domain, _Mirror())
-        if time.monotonic() - mirror.refreshed < MIRROR_REFRESH_S and domain not in self._dirty:
-            return mirror
-        self._dirty.discard(domain)
-        mirror.refreshed = time.monotonic()
-        rows: Any = await self.client.xrange(self.names.cache_semantic(domain), min=f"({mirror.last_id}", count=10_000)
+    def _stale_domains(self, domains: set[str]) -> list[str]:
+        """The domains whose mirror should read new entries now (refreshed long ago, or stored into since)."""
+        stale = []
+        now = time.monotonic()
+        for domain in sorted(domains):
+            mirror = self._mirrors.setdefault(domain, _Mirror())
+            if now - mirror.refreshed >= MIRROR_REFRESH_S or domain in self._dirty:
+                self._dirty.discard(domain)
+                mirror.refreshed = now
+                stale.append(domain)
+        return stale
+
+    def _extend(self, mirror: _Mirror, rows: Any) -> None:
+        """Append a domain's newly read stream entries to its mirror, keeping the newest ``max_entries_per_domain``."""
         for entry_id, fields in rows:
             mirror.last_id = entry_id.decode()
             entry = msgspec.msgpack.decode(fields[b"e"])
             mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
             mirror.entries.append(entry)
+            mirror.matrix = None
         cap = self.settings.max_entries_per_domain
         if len(mirror.entries) > cap:
             del mirror.vectors[:-cap]
             del mirror.entries[:-cap]
-        return mirror
 
     def store(self, pipe: Pipeline, query: Query, embedding: bytes, domain: str, reply: dict[str, Any]) -> None:
         """Queue writes that make ``reply`` (an ok reply) reusable."""

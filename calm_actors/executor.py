@@ -16,7 +16,7 @@ from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
 from calm_actors.cache import Hit, ResponseCache, exact_hit
 from calm_actors.learning import Learner
-from calm_actors.replying import answer_dead_query, query_rejection
+from calm_actors.replying import answer_dead_query, query_rejection, stage_times
 from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
@@ -91,7 +91,7 @@ class Executor:
             "cache_similarity": round(hit.similarity, 4), "latency_ms": now_ms - query.arrived_ms,
             "route_ms": max(0.0, now_ms - query.arrived_ms), "queue_ms": 0.0, "inference_ms": 0.0, "energy_j": 0.0,
             "error": "", "domain": inflight.domain, "slo_met": True, "reason": f"{hit.kind} cache hit",
-            "attempts": 0,
+            "attempts": 0, **stage_times(inflight),
         }
         effects = Effects().call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         return effects.call(lambda p: p.hincrby(self.names.counters, f"cache_hits_{hit.kind}", 1))
@@ -152,7 +152,7 @@ class Executor:
             "tokens_out": result.tokens_out, "energy_j": result.energy_j, "energy_source": result.energy_source,
             "confidence": result.confidence, "error": "", "domain": inflight.domain,
             "slo_met": inflight.decision.slo_met, "reason": inflight.decision.reason, "attempts": inflight.attempt,
-            "finish_reason": result.finish_reason,
+            "finish_reason": result.finish_reason, **stage_times(inflight),
         }
 
     def _finish(self, effects: Effects, inflight: Inflight, reply: dict[str, Any]) -> None:

@@ -109,8 +109,9 @@ class Monitor:
             # "wait": the first copy is in flight; its delivery also answers this reply stream.
         if fresh:
             vectors = await self._embed([q.prompt for _, q in fresh])
+            embedded = time.time() * 1000
             for (i, query), vector in zip(fresh, vectors, strict=True):
-                message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp})
+                message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp, "embedded_ms": embedded})
                 effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
 

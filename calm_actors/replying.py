@@ -24,6 +24,19 @@ def rejection(query_id: str, reason: str, arrived_ms: float, status: str = "reje
     }
 
 
+# The pipeline's stamps (epoch ms) and the reply fields that give each one as ms after the query arrived.
+STAGE_FIELDS = {"monitor_ms": "at_monitor_ms", "embedded_ms": "at_embedded_ms", "analyzer_ms": "at_analyzer_ms",
+                "planner_ms": "at_planner_ms"}
+
+
+def stage_times(inflight: Inflight) -> dict[str, float]:
+    """Where route_ms went: ms after arrival at which the monitor claimed the query, its embedding was done,
+    and the analyzer and planner sent it on (only the stages it passed)."""
+    arrived = inflight.query.arrived_ms
+    return {field: round(max(0.0, inflight.stamps[stamp] - arrived), 3)
+            for stamp, field in STAGE_FIELDS.items() if stamp in inflight.stamps}
+
+
 def query_rejection(query: Query, reason: str, status: str = "rejected") -> dict[str, Any]:
     return rejection(query.id, reason, query.arrived_ms, status)
 

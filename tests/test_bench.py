@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from calm.report import percentile
+from calm.report import percentile, quality_of
 
 pytestmark = pytest.mark.slow
 
@@ -40,6 +40,21 @@ def test_bench_runs_every_strategy_on_the_same_workload(tiny_fleet: Path, redis_
         route = [float(r["reply"]["route_ms"]) for r in mine if r["reply"]["status"] == "ok"]
         assert strategy["overall"]["route_ms_p99"] == percentile(route, 99)
     assert list(report["strategies"]["single"]["overall"]["routed"]) == [report["fleet"]["baseline"]]
+    # route_ms's stages and the paired quality come from the same recorded replies.
+    calm_rows = [r for r in rows if r["strategy"] == "calm" and r["reply"]["cached"] == "0"]
+    split = report["strategies"]["calm"]["overall"]["route_split_ms_p50"]
+    assert split["embed"] == percentile([float(r["reply"]["at_embedded_ms"]) - float(r["reply"]["at_monitor_ms"])
+                                         for r in calm_rows], 50)
+    by_domain: dict[str, list[float]] = {}
+    single_rows = [r for r in rows if r["strategy"] == "single"]
+    for base, mine in zip(single_rows, [r for r in rows if r["strategy"] == "calm"], strict=True):
+        pair = [quality_of(base["domain"], r["reply"]["text"] if r["reply"]["status"] == "ok" else "", r["reference"])
+                for r in (base, mine)]
+        by_domain.setdefault(base["domain"], []).append(pair[1] - pair[0])
+    for domain, diffs in by_domain.items():
+        paired = report["comparison"]["calm"]["domains"][domain]["quality_paired"]
+        assert paired["n"] == len(diffs)
+        assert paired["diff"] == pytest.approx(sum(diffs) / len(diffs), abs=1e-4)
 
 
 def test_bench_overhead_reports_the_contract_keys(tiny_fleet: Path, redis_url: str, prefix: str,

@@ -127,7 +127,7 @@ async def run_bench(settings: Settings, url: str, fleet_dir: Path, items: list[I
     baseline = fleet.baseline()
     report: dict[str, Any] = {
         "strategies": reports,
-        "comparison": comparison(reports),
+        "comparison": comparison(reports, runs=runs),
         "machine": machine_info(),
         "fleet": {"root": str(fleet.root), "name": fleet.name, "profile": fleet.profile,
                   "recipe_hash": fleet.recipe_hash, "baseline": baseline.name if baseline else None,
