@@ -11,9 +11,9 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
-from redis.commands.core import AsyncScript
 
 from broker.names import Names
+from broker.scripts import LuaScript
 
 CARD_FIELDS = ("description", "examples", "domains", "prompt_template", "params", "memory_mb", "source",
                "baseline", "quality", "eos_token", "max_context")
@@ -23,7 +23,7 @@ QOS_FIELDS = ("latency_ms", "queue_ms", "ms_per_token", "tokens_per_s", "energy_
 # EWMA update of several hash fields at once: KEYS[1] hash; ARGV[1] alpha, then field/value pairs.
 # ARGV[2] now (ms) and ARGV[3] tau (ms): after a gap without samples the new sample weighs more
 # (alpha_eff = max(alpha, 1 - exp(-gap / tau))), so a model that was idle is re-learned quickly. tau 0: plain.
-_EWMA_LUA = """
+_EWMA = LuaScript("""
 local alpha = tonumber(ARGV[1])
 local now = tonumber(ARGV[2])
 local tau = tonumber(ARGV[3])
@@ -41,16 +41,16 @@ for i = 4, #ARGV, 2 do
   redis.call('HSET', KEYS[1], f, tostring(new))
 end
 return 1
-"""
+""")
 
 # Add/remove a worker from a model's loaded set and mirror it into the model hash: KEYS[1] set, KEYS[2] hash.
-_LOADED_LUA = """
+_LOADED = LuaScript("""
 if ARGV[2] == '1' then redis.call('SADD', KEYS[1], ARGV[1]) else redis.call('SREM', KEYS[1], ARGV[1]) end
 local members = redis.call('SMEMBERS', KEYS[1])
 table.sort(members)
 redis.call('HSET', KEYS[2], 'loaded_on', table.concat(members, ','))
 return #members
-"""
+""")
 
 
 QUALITY_SE_SUFFIX = "_se"  # a card's `<domain>.<metric>_se`: the standard error of that held-out mean
@@ -135,8 +135,6 @@ class KnowledgeBase:
     def __init__(self, client: aioredis.Redis, names: Names) -> None:
         self.client = client
         self.names = names
-        self._ewma = client.register_script(_EWMA_LUA)
-        self._loaded = client.register_script(_LOADED_LUA)
 
     # -- models --------------------------------------------------------------------
     def card_mapping(self, card: Mapping[str, Any]) -> dict[str, str]:
@@ -227,7 +225,7 @@ class KnowledgeBase:
         args: list[Any] = [alpha, f"{stamp:.0f}", f"{stale_tau_s * 1000:.0f}"]
         for key, value in values.items():
             args += [key, float(value)]
-        _queue_script(pipe, self._ewma, [self.names.model(name)], args)
+        _EWMA.queue(pipe, [self.names.model(name)], args)
         pipe.hincrby(self.names.model(name), "requests", 1)
         if not ok:
             pipe.hincrby(self.names.model(name), "errors", 1)
@@ -238,10 +236,10 @@ class KnowledgeBase:
                 pipe.ltrim(wkey, 0, window - 1)
 
     def set_load_time(self, pipe: Pipeline, name: str, load_s: float, alpha: float) -> None:
-        _queue_script(pipe, self._ewma, [self.names.model(name)], [alpha, 0, 0, "load_s", load_s])
+        _EWMA.queue(pipe, [self.names.model(name)], [alpha, 0, 0, "load_s", load_s])
 
     def set_loaded(self, pipe: Pipeline, model: str, worker: str, loaded: bool) -> None:
-        _queue_script(pipe, self._loaded, [f"{self.names.model(model)}:loaded", self.names.model(model)],
+        _LOADED.queue(pipe, [f"{self.names.model(model)}:loaded", self.names.model(model)],
                       [worker, "1" if loaded else "0"])
         pipe.incr(self.names.kb_version)
 
@@ -394,12 +392,6 @@ class KnowledgeBase:
             pipe.hgetall(key)
         rows = await pipe.execute()
         return {name: {int(k): int(v) for k, v in row.items()} for (name, _), row in zip(keys, rows, strict=True)}
-
-
-def _queue_script(pipe: Pipeline, script: AsyncScript, keys: list[str], args: list[Any]) -> None:
-    """Queue a Lua script on a pipeline (the pipeline loads it if the server lacks it)."""
-    pipe.scripts.add(script)  # type: ignore[arg-type]
-    pipe.evalsha(script.sha, len(keys), *keys, *args)
 
 
 def _ok(result: Any, default: Any) -> Any:

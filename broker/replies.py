@@ -7,17 +7,17 @@ from dataclasses import dataclass
 from typing import Any
 
 import msgspec
-import redis.asyncio as aioredis
 from redis.asyncio.client import Pipeline
 
 from broker.codec import plain_fields
 from broker.names import Names
+from broker.scripts import LuaScript
 
 # KEYS: claim, done, waiters. ARGV: entry_id, ttl_s, reply_to.
 # Returns {"new"} for a first sighting, {"done", payload} when a reply exists, {"wait"} when in progress.
 # The claim holds the claiming entry's id: the same entry delivered again (its first consumer died before
 # forwarding it) is "new" again, so a crash between claim and forward loses nothing.
-_CLAIM_LUA = """
+_CLAIM = LuaScript("""
 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'EX', ARGV[2]) then return {'new'} end
 local done = redis.call('GET', KEYS[2])
 if not done and redis.call('GET', KEYS[1]) == ARGV[1] then return {'new'} end
@@ -25,11 +25,11 @@ if done then return {'done', done} end
 redis.call('RPUSH', KEYS[3], ARGV[3])
 redis.call('EXPIRE', KEYS[3], ARGV[2])
 return {'wait'}
-"""
+""")
 
 # KEYS: done, waiters. ARGV: reply_to, ttl_s, maxlen, payload, then field/value pairs.
 # Writes the reply once: a second delivery for the same id is a no-op that returns 0.
-_DELIVER_LUA = """
+_DELIVER = LuaScript("""
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 redis.call('SET', KEYS[1], ARGV[4], 'EX', ARGV[2])
 local fields = {}
@@ -44,7 +44,7 @@ for _, stream in ipairs(redis.call('LRANGE', KEYS[2], 0, -1)) do
 end
 redis.call('DEL', KEYS[2])
 return 1
-"""
+""")
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,18 +58,15 @@ class Claim:
 class ReplyBook:
     """Claims query ids at ingress and delivers each query's single reply."""
 
-    def __init__(self, client: aioredis.Redis, names: Names, dedup_window_s: int, replies_maxlen: int) -> None:
+    def __init__(self, names: Names, dedup_window_s: int, replies_maxlen: int) -> None:
         self.names = names
         self.window_s = dedup_window_s
         self.maxlen = replies_maxlen
-        self._claim = client.register_script(_CLAIM_LUA)
-        self._deliver = client.register_script(_DELIVER_LUA)
 
     def claim(self, pipe: Pipeline, query_id: str, entry_id: str, reply_to: str) -> None:
         """Queue an idempotency claim; parse its pipeline result with :meth:`parse_claim`."""
         keys = [self.names.claim(query_id), self.names.done(query_id), f"{self.names.claim(query_id)}:waiters"]
-        pipe.scripts.add(self._claim)  # type: ignore[arg-type]
-        pipe.evalsha(self._claim.sha, len(keys), *keys, entry_id, self.window_s, reply_to)
+        _CLAIM.queue(pipe, keys, [entry_id, self.window_s, reply_to])
 
     @staticmethod
     def parse_claim(raw: Any) -> Claim:
@@ -86,8 +83,7 @@ class ReplyBook:
         flat: list[str] = []
         for key, value in fields.items():
             flat += [key, value]
-        pipe.scripts.add(self._deliver)  # type: ignore[arg-type]
-        pipe.evalsha(self._deliver.sha, len(keys), *keys, reply_to, self.window_s, self.maxlen, payload, *flat)
+        _DELIVER.queue(pipe, keys, [reply_to, self.window_s, self.maxlen, payload, *flat])
 
     def resend(self, pipe: Pipeline, reply_to: str, reply: Mapping[str, str]) -> None:
         """Queue a copy of an earlier reply onto ``reply_to`` (a duplicate query id arrived)."""

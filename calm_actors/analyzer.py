@@ -33,7 +33,7 @@ class Analyzer:
         self.names = rt.names
         self.settings = rt.settings
         self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s, scores=True))
-        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+        self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     def install(self) -> None:

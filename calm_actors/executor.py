@@ -29,7 +29,7 @@ class Executor:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
-        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+        self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._groups: set[str] = set()
         self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)

@@ -45,7 +45,7 @@ class Monitor:
         self.names = rt.names
         self.settings = rt.settings
         self.embedder = SentenceEmbedder(embedder_dir(fleet_dir))
-        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+        self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.

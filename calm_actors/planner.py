@@ -32,7 +32,7 @@ class Planner:
         self.tuning = Tuning(rt, ("planner",))
         self._sent: dict[str, int] = {}  # dispatched per model since the view was read (for backpressure)
         self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s), on_reload=self._on_reload)
-        self.replies = ReplyBook(rt.client, rt.names, rt.settings.ingress.dedup_window_s,
+        self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 
     async def _on_reload(self, view: FleetView) -> None:

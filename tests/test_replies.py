@@ -17,7 +17,7 @@ REPLY: dict[str, Any] = {
 
 
 def _book(client: aioredis.Redis, names: Names) -> ReplyBook:
-    return ReplyBook(client, names, dedup_window_s=60, replies_maxlen=1000)
+    return ReplyBook(names, dedup_window_s=60, replies_maxlen=1000)
 
 
 async def _claim(client: aioredis.Redis, book: ReplyBook, query_id: str, entry_id: str, reply_to: str) -> Claim:
@@ -120,7 +120,7 @@ async def test_a_redelivered_claiming_entry_is_new_again(aclient, names) -> None
     """The monitor may die between the claim and forwarding: the same entry, redelivered, is processed."""
     from broker.replies import ReplyBook
 
-    book = ReplyBook(aclient, names, dedup_window_s=60, replies_maxlen=100)
+    book = ReplyBook(names, dedup_window_s=60, replies_maxlen=100)
     results = []
     for entry_id in ("5-0", "5-0", "6-0"):
         pipe = aclient.pipeline(transaction=False)
