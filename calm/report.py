@@ -94,10 +94,8 @@ def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
     if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
         raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
     diffs: dict[str, list[float]] = {}
-    for item, base_id, other_id in zip(base.items, base.ids, other.ids, strict=True):
-        pair = [_reply_text(run.replies.get(qid)) for run, qid in ((base, base_id), (other, other_id))]
-        quality = [quality_of(item.domain, text, item.reference) for text in pair]
-        diffs.setdefault(item.domain, []).append(quality[1] - quality[0])
+    for item, was, now in zip(base.items, item_qualities(base), item_qualities(other), strict=True):
+        diffs.setdefault(item.domain, []).append(now - was)
     out = {}
     for domain, values in sorted(diffs.items()):
         n = len(values)
@@ -112,8 +110,14 @@ def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
     return out
 
 
-def _reply_text(reply: dict[str, Any] | None) -> str:
-    return reply.get("text", "") if reply and reply.get("status") == "ok" else ""
+def item_qualities(run: Run) -> list[float]:
+    """Each query's quality in workload order (a query without an ok reply scores as an empty answer)."""
+    out = []
+    for qid, item in zip(run.ids, run.items, strict=True):
+        reply = run.replies.get(qid)
+        text = reply.get("text", "") if reply and reply.get("status") == "ok" else ""
+        out.append(quality_of(item.domain, text, item.reference))
+    return out
 
 
 def control_plane(cpu_s: dict[str, float], roles: Sequence[str], replied: int, inference_j: float | None,
@@ -140,11 +144,8 @@ def strategy_report(run: Run, loads: Iterable[tuple[float, str]], control_roles:
     The overall STATS also say what the control plane (the processes named ``control_roles``) cost,
     from the CPU seconds the run recorded (``control_plane``).
     """
-    rows: list[dict[str, Any]] = []
-    for qid, item in zip(run.ids, run.items, strict=True):
-        reply = run.replies.get(qid)
-        quality = quality_of(item.domain, _reply_text(reply), item.reference)
-        rows.append({"item": item, "reply": reply, "quality": quality})
+    rows: list[dict[str, Any]] = [{"item": item, "reply": run.replies.get(qid), "quality": quality}
+            for qid, item, quality in zip(run.ids, run.items, item_qualities(run), strict=True)]
     window = [m for t, m in loads if run.started_ms <= t <= run.ended_ms]
     duration_s = (run.ended_ms - run.started_ms) / 1000
     out: dict[str, Any] = {"overall": stats(rows, duration_s, len(window)), "domains": {}}

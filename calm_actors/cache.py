@@ -95,25 +95,20 @@ class ResponseCache:
             return hits
         exact = self.settings.exact
         stale = self._stale_domains({asks[i][2] for i in todo if asks[i][1]}) if self.settings.semantic else []
-        if not exact and not stale:
-            return self._search_semantic(asks, todo, hits)
-        pipe = self.client.pipeline(transaction=False)
-        if exact:
-            pipe.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
-        for domain in stale:
-            pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
-        results: list[Any] = await pipe.execute()
-        if exact:
-            for i, raw in zip(todo, results.pop(0), strict=True):
-                if raw is not None:
-                    with contextlib.suppress(DecodeError):  # unreadable: a miss, and the new reply overwrites it
-                        hits[i] = exact_hit(raw)
-        for domain, rows in zip(stale, results, strict=True):
-            self._extend(self._mirrors[domain], rows)
-        return self._search_semantic(asks, todo, hits)
-
-    def _search_semantic(self, asks: list[tuple[Query, bytes, str]], todo: list[int],
-                         hits: list[Hit | None]) -> list[Hit | None]:
+        if exact or stale:
+            pipe = self.client.pipeline(transaction=False)
+            if exact:
+                pipe.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
+            for domain in stale:
+                pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
+            results: list[Any] = await pipe.execute()
+            if exact:
+                for i, raw in zip(todo, results.pop(0), strict=True):
+                    if raw is not None:
+                        with contextlib.suppress(DecodeError):  # unreadable: a miss; the new reply overwrites it
+                            hits[i] = exact_hit(raw)
+            for domain, rows in zip(stale, results, strict=True):
+                self._extend(self._mirrors[domain], rows)
         if self.settings.semantic:
             for i in todo:
                 query, embedding, domain = asks[i]
@@ -161,6 +156,7 @@ class ResponseCache:
             entry = msgspec.msgpack.decode(fields[b"e"])
             mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
             mirror.entries.append(entry)
+        if rows:
             mirror.matrix = None
         cap = self.settings.max_entries_per_domain
         if len(mirror.entries) > cap:
