@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import secrets
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -37,6 +38,7 @@ class _Mirror:
     vectors: list[np.ndarray] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
     matrix: np.ndarray | None = None  # ``vectors`` stacked, built on first search after a change
+    nonces: set[str] = field(default_factory=set)  # of ``entries``: this process's stores come back from reads
 
 
 @dataclass(frozen=True, slots=True)
@@ -116,6 +118,33 @@ class ResponseCache:
                     hits[i] = self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
         return hits
 
+    def recall(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
+        """A semantic hit from this process's mirror of ``domain``, without I/O.
+
+        The mirror holds this process's own stores at once and other processes' after the next ``refresh``
+        (run every ``MIRROR_REFRESH_S``). Exact hits are the monitor's: it looks them up at claim time.
+        """
+        if not self.settings.semantic or not embedding or not eligible(query, self.settings):
+            return None
+        self._mirrors.setdefault(domain, _Mirror())  # refreshed from now on
+        return self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
+
+    async def refresh(self) -> None:
+        """Read the semantic entries stored since the last read into every mirror, in one round trip."""
+        if not self.settings.semantic or not self._mirrors:
+            return
+        now = time.monotonic()
+        domains = sorted(self._mirrors)
+        pipe = self.client.pipeline(transaction=False)
+        for domain in domains:
+            pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
+        results: list[Any] = await pipe.execute()
+        for domain, rows in zip(domains, results, strict=True):
+            mirror = self._mirrors[domain]
+            mirror.refreshed = now
+            self._extend(mirror, rows)
+        self._dirty.difference_update(domains)
+
     def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
         mirror = self._mirrors.get(domain)
         if mirror is None or not mirror.entries:
@@ -150,16 +179,26 @@ class ResponseCache:
         return stale
 
     def _extend(self, mirror: _Mirror, rows: Any) -> None:
-        """Append a domain's newly read stream entries to its mirror, keeping the newest ``max_entries_per_domain``."""
+        """Append a domain's newly read stream entries to its mirror (skipping those this process added
+        itself when it stored them)."""
         for entry_id, fields in rows:
             mirror.last_id = entry_id.decode()
-            entry = msgspec.msgpack.decode(fields[b"e"])
-            mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
-            mirror.entries.append(entry)
-        if rows:
-            mirror.matrix = None
+            self._add(mirror, msgspec.msgpack.decode(fields[b"e"]))
+
+    def _add(self, mirror: _Mirror, entry: dict[str, Any]) -> None:
+        """One entry into a mirror, keeping the newest ``max_entries_per_domain``."""
+        nonce = entry.get("nonce")
+        if nonce is not None:
+            if nonce in mirror.nonces:
+                return
+            mirror.nonces.add(nonce)
+        mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
+        mirror.entries.append(entry)
+        mirror.matrix = None
         cap = self.settings.max_entries_per_domain
         if len(mirror.entries) > cap:
+            for dropped in mirror.entries[:-cap]:
+                mirror.nonces.discard(dropped.get("nonce", ""))
             del mirror.vectors[:-cap]
             del mirror.entries[:-cap]
 
@@ -177,9 +216,11 @@ class ResponseCache:
             pipe.zremrangebyrank(self.names.cache_exact_index, 0, -self.settings.max_exact_entries - 1)
         if self.settings.semantic and embedding:
             entry = {"prompt": query.prompt, "params": params_key(query), "at": now, "reply": cached,
-                     "embedding": embedding}
+                     "embedding": embedding, "nonce": secrets.token_hex(8)}
             stream = self.names.cache_semantic(domain)
             pipe.xadd(stream, {"e": msgspec.msgpack.encode(entry)}, maxlen=self.settings.max_entries_per_domain,
                       approximate=True)
             pipe.expire(stream, self.settings.semantic_ttl_s)
             self._dirty.add(domain)
+            if domain in self._mirrors:  # this process's later lookups see it without reading it back
+                self._add(self._mirrors[domain], entry)

@@ -14,7 +14,7 @@ from broker.errors import DecodeError
 from broker.messages import Inflight, Planned, Result, Work
 from broker.replies import ReplyBook
 from broker.runtime import ProcessRuntime
-from calm_actors.cache import Hit, ResponseCache, exact_hit
+from calm_actors.cache import MIRROR_REFRESH_S, Hit, ResponseCache, exact_hit
 from calm_actors.learning import Learner
 from calm_actors.replying import answer_dead_query, query_rejection, stage_times
 from calm_actors.tuning import Tuning
@@ -44,6 +44,7 @@ class Executor:
                          trim_acked=True)
         self.rt.every(self.settings.executor.sweep_interval_ms / 1000, self.sweep, "sweep")
         self.rt.every(self.settings.qos.learn_flush_s, self.learner.flush, "learn")
+        self.rt.every(MIRROR_REFRESH_S, self.cache.refresh, "cache mirrors")
         self.rt.every(1.0, self.retune, "tuning")
 
     async def retune(self) -> None:
@@ -55,7 +56,7 @@ class Executor:
 
     # -- dispatch ------------------------------------------------------------------
     async def on_planned_batch(self, entries: list[Entry]) -> Sequence[Effects]:
-        """Answer from the cache what it can (one MGET for the batch) and dispatch the rest."""
+        """Answer from the cache what it can and dispatch the rest."""
         out = [Effects() for _ in entries]
         planned: list[tuple[int, Planned]] = []
         for i, entry in enumerate(entries):
@@ -63,14 +64,12 @@ class Executor:
                 planned.append((i, decode_as(Planned, entry.fields, entry.id, entry.stream)))
             except DecodeError as e:
                 out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
-        # The monitor already found exact hits (and the decision says so); the rest are looked up here, since
-        # an identical query may have been answered meanwhile, and the semantic cache needs the domain.
-        looked_up = iter(await self.cache.lookup_many([(p.query, p.embedding, p.domain)
-                                                       for _, p in planned if not p.exact_hit]))
+        # The monitor found the exact hits (the decision says so); the semantic cache needs the domain, so it
+        # is searched here, in this process's mirror: no round trip in the query's path.
         now_ms = time.time() * 1000
         for i, p in planned:
             try:
-                hit = exact_hit(p.exact_hit) if p.exact_hit else next(looked_up)
+                hit = exact_hit(p.exact_hit) if p.exact_hit else self.cache.recall(p.query, p.embedding, p.domain)
             except DecodeError as e:  # the monitor checked it, so only a tampered message gets here
                 out[i].dead_letter(self.names, entries[i], str(e), "executor", self.settings.streams.dead_maxlen)
                 self._answer_dead(entries[i], str(e), out[i])

@@ -112,3 +112,37 @@ async def test_semantic_hits_stay_within_the_domain(aclient: aioredis.Redis, nam
     vector = embedder.embed(["12 + 7 ="])[0].tobytes()
     assert await cache.lookup(_query("12 + 7 ="), vector, "sorting") is None
     assert (await cache.lookup(_query("12 + 7 ="), vector, "arithmetic")) is not None
+
+
+async def test_recall_sees_own_stores_at_once_and_other_executors_after_a_refresh(
+        aclient: aioredis.Redis, names: Names, embedder: SentenceEmbedder) -> None:
+    """The executor's lookup has no round trip: its own stores are in its mirror at once; another
+    executor's arrive with the periodic refresh, once each."""
+    settings = CacheSettings(exact=False, domain_thresholds="")
+    mine, other = ResponseCache(aclient, names, settings), ResponseCache(aclient, names, settings)
+    vector = embedder.embed(["12 + 7 ="])[0].tobytes()
+    for cache in (mine, other):
+        assert cache.recall(_query("12 + 7 ="), vector, "arithmetic") is None  # empty mirrors, now followed
+    await _store(mine, aclient, embedder, "12+7=", domain="arithmetic")
+    hit = mine.recall(_query("12 + 7 ="), vector, "arithmetic")
+    assert hit is not None and hit.kind == "semantic" and hit.reply["text"] == "19"
+    assert other.recall(_query("12 + 7 ="), vector, "arithmetic") is None  # not read yet
+    await other.refresh()
+    assert other.recall(_query("12 + 7 ="), vector, "arithmetic") is not None
+    await mine.refresh()  # reads its own entry back: recognised, not mirrored twice
+    await other.refresh()  # nothing new
+    assert len(mine._mirrors["arithmetic"].entries) == len(other._mirrors["arithmetic"].entries) == 1
+    assert mine.recall(_query("12 + 7 ="), vector, "sorting") is None  # still within the domain
+    assert mine.recall(_query("12 + 7 =", temperature=0.7), vector, "arithmetic") is None  # sampled: never
+
+
+async def test_a_mirror_keeps_the_newest_entries_up_to_its_cap(aclient: aioredis.Redis, names: Names,
+                                                               embedder: SentenceEmbedder) -> None:
+    cache = ResponseCache(aclient, names, CacheSettings(exact=False, domain_thresholds="", max_entries_per_domain=2))
+    cache.recall(_query("1+1="), embedder.embed(["1+1="])[0].tobytes(), "arithmetic")
+    for prompt in ("1+1=", "2+2=", "3+3="):
+        await _store(cache, aclient, embedder, prompt, domain="arithmetic")
+    mirror = cache._mirrors["arithmetic"]
+    assert [e["prompt"] for e in mirror.entries] == ["2+2=", "3+3="] and len(mirror.nonces) == 2
+    await cache.refresh()  # the stream still holds all three (trimming is approximate): the newest two stay
+    assert [e["prompt"] for e in mirror.entries] == ["2+2=", "3+3="]

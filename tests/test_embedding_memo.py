@@ -1,0 +1,87 @@
+"""The monitor's prompt-embedding memo: the real embedder's vectors, each new prompt embedded once, a bounded LRU."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from calm_actors.embedder import SentenceEmbedder, embedder_dir
+from calm_actors.embedding_memo import EmbeddingMemo
+from calm_actors.meaning import normalise
+
+
+class CountingEmbedder:
+    """The fleet's real embedder, counting the texts it was asked to embed; it can be told to fail."""
+
+    def __init__(self, embedder: SentenceEmbedder) -> None:
+        self.embedder = embedder
+        self.calls: list[list[str]] = []
+        self.fail = False
+
+    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        self.calls.append(list(texts))
+        if self.fail:
+            raise RuntimeError("embedder broke")
+        return self.embedder.embed(texts)
+
+
+@pytest.fixture(scope="module")
+def real_embedder(tiny_fleet: Path) -> SentenceEmbedder:
+    return SentenceEmbedder(embedder_dir(tiny_fleet))
+
+
+@pytest.fixture
+def pool() -> Iterator[ThreadPoolExecutor]:
+    with ThreadPoolExecutor(max_workers=1) as executor:
+        yield executor
+
+
+async def test_vectors_are_the_embedders_of_the_normalised_prompts(real_embedder: SentenceEmbedder,
+                                                                  pool: ThreadPoolExecutor) -> None:
+    counting = CountingEmbedder(real_embedder)
+    memo = EmbeddingMemo(counting, pool, capacity=16)
+    prompts = ["12+30=", "Sort: 5 3 9", "12+30="]
+    vectors = await memo.get(prompts)
+    expected = real_embedder.embed([normalise(p) for p in prompts])
+    for got, want in zip(vectors, expected, strict=True):
+        np.testing.assert_allclose(np.frombuffer(got, dtype=np.float32), want, rtol=1e-5, atol=1e-6)
+    assert counting.calls == [sorted({normalise(p) for p in prompts})]  # one batch, each prompt once
+
+
+async def test_remembered_prompts_skip_the_embedder(real_embedder: SentenceEmbedder, pool: ThreadPoolExecutor) -> None:
+    counting = CountingEmbedder(real_embedder)
+    memo = EmbeddingMemo(counting, pool, capacity=16)
+    first = await memo.get(["40+2=", "7+7="])
+    again = await memo.get([" 7+7= ", "1+1=", "40+2="])  # normalised: the same prompt
+    assert again[0] == first[1] and again[2] == first[0]
+    assert counting.calls == [sorted(map(normalise, ["40+2=", "7+7="])), [normalise("1+1=")]]
+    assert "1+1=" in memo and len(memo) == 3
+
+
+async def test_a_failed_run_raises_to_the_caller_and_remembers_nothing(real_embedder: SentenceEmbedder,
+                                                                       pool: ThreadPoolExecutor) -> None:
+    counting = CountingEmbedder(real_embedder)
+    memo = EmbeddingMemo(counting, pool, capacity=16)
+    counting.fail = True
+    with pytest.raises(RuntimeError, match="embedder broke"):
+        await memo.get(["9+9="])
+    assert len(memo) == 0
+    counting.fail = False
+    assert len(await memo.get(["9+9="])) == 1  # the next delivery of the query embeds it again
+    assert len(counting.calls) == 2
+
+
+async def test_the_memo_keeps_the_most_recently_used_prompts_only(real_embedder: SentenceEmbedder,
+                                                                 pool: ThreadPoolExecutor) -> None:
+    memo = EmbeddingMemo(CountingEmbedder(real_embedder), pool, capacity=3)
+    await memo.get(["1+1=", "2+2=", "3+3="])
+    await memo.get(["1+1="])  # used again: now the most recent
+    await memo.get(["4+4="])
+    assert len(memo) == 3
+    assert "2+2=" not in memo and "1+1=" in memo and "4+4=" in memo
+    with pytest.raises(ValueError, match="capacity"):
+        EmbeddingMemo(CountingEmbedder(real_embedder), pool, capacity=0)
