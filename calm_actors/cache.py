@@ -34,7 +34,6 @@ class _Mirror:
     """One domain's semantic entries, as read so far."""
 
     last_id: str = "0-0"
-    refreshed: float = 0.0
     vectors: list[np.ndarray] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
     matrix: np.ndarray | None = None  # ``vectors`` stacked, built on first search after a change
@@ -76,7 +75,6 @@ class ResponseCache:
         self.names = names
         self.settings = settings
         self._mirrors: dict[str, _Mirror] = {}
-        self._dirty: set[str] = set()  # domains this process stored into since their last refresh
 
     def exact_key(self, query: Query) -> str | None:
         """The key of ``query``'s exact entry, or None when the exact cache does not apply to it."""
@@ -85,38 +83,21 @@ class ResponseCache:
         return self.names.cache_exact(exact_digest(query))
 
     async def lookup(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
-        """An earlier reply that answers ``query``, or None."""
-        return (await self.lookup_many([(query, embedding, domain)]))[0]
-
-    async def lookup_many(self, asks: list[tuple[Query, bytes, str]]) -> list[Hit | None]:
-        """Lookups for a batch in one round trip: the exact entries (MGET) and what the semantic mirrors of
-        the batch's domains have not read yet; then the mirrors are searched in memory."""
-        hits: list[Hit | None] = [None] * len(asks)
-        todo = [i for i, (q, _, _) in enumerate(asks) if eligible(q, self.settings)]
-        if not todo:
-            return hits
-        exact = self.settings.exact
-        stale = self._stale_domains({asks[i][2] for i in todo if asks[i][1]}) if self.settings.semantic else []
-        if exact or stale:
-            pipe = self.client.pipeline(transaction=False)
-            if exact:
-                pipe.mget([self.names.cache_exact(exact_digest(asks[i][0])) for i in todo])
-            for domain in stale:
-                pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
-            results: list[Any] = await pipe.execute()
-            if exact:
-                for i, raw in zip(todo, results.pop(0), strict=True):
-                    if raw is not None:
-                        with contextlib.suppress(DecodeError):  # unreadable: a miss; the new reply overwrites it
-                            hits[i] = exact_hit(raw)
-            for domain, rows in zip(stale, results, strict=True):
-                self._extend(self._mirrors[domain], rows)
-        if self.settings.semantic:
-            for i in todo:
-                query, embedding, domain = asks[i]
-                if hits[i] is None and embedding:
-                    hits[i] = self._semantic(query, np.frombuffer(embedding, dtype=np.float32), domain)
-        return hits
+        """An earlier reply that answers ``query`` as the shared cache holds it now: the exact entry, else a
+        semantic one after reading the domain's new entries (round trips; the executor uses ``recall``)."""
+        if not eligible(query, self.settings):
+            return None
+        key = self.exact_key(query)
+        if key is not None:
+            raw = await self.client.get(key)
+            if isinstance(raw, bytes):
+                with contextlib.suppress(DecodeError):  # unreadable: a miss; the new reply overwrites it
+                    return exact_hit(raw)
+        if not self.settings.semantic or not embedding:
+            return None
+        self._mirrors.setdefault(domain, _Mirror())
+        await self.refresh()
+        return self.recall(query, embedding, domain)
 
     def recall(self, query: Query, embedding: bytes, domain: str) -> Hit | None:
         """A semantic hit from this process's mirror of ``domain``, without I/O.
@@ -133,17 +114,13 @@ class ResponseCache:
         """Read the semantic entries stored since the last read into every mirror, in one round trip."""
         if not self.settings.semantic or not self._mirrors:
             return
-        now = time.monotonic()
         domains = sorted(self._mirrors)
         pipe = self.client.pipeline(transaction=False)
         for domain in domains:
             pipe.xrange(self.names.cache_semantic(domain), min=f"({self._mirrors[domain].last_id}", count=10_000)
         results: list[Any] = await pipe.execute()
         for domain, rows in zip(domains, results, strict=True):
-            mirror = self._mirrors[domain]
-            mirror.refreshed = now
-            self._extend(mirror, rows)
-        self._dirty.difference_update(domains)
+            self._extend(self._mirrors[domain], rows)
 
     def _semantic(self, query: Query, vector: np.ndarray, domain: str) -> Hit | None:
         mirror = self._mirrors.get(domain)
@@ -165,18 +142,6 @@ class ResponseCache:
             if same_meaning_parts(query.prompt, entry["prompt"])[0]:
                 return Hit("semantic", entry["reply"], similarity)
         return None
-
-    def _stale_domains(self, domains: set[str]) -> list[str]:
-        """The domains whose mirror should read new entries now (refreshed long ago, or stored into since)."""
-        stale = []
-        now = time.monotonic()
-        for domain in sorted(domains):
-            mirror = self._mirrors.setdefault(domain, _Mirror())
-            if now - mirror.refreshed >= MIRROR_REFRESH_S or domain in self._dirty:
-                self._dirty.discard(domain)
-                mirror.refreshed = now
-                stale.append(domain)
-        return stale
 
     def _extend(self, mirror: _Mirror, rows: Any) -> None:
         """Append a domain's newly read stream entries to its mirror (skipping those this process added
@@ -221,6 +186,5 @@ class ResponseCache:
             pipe.xadd(stream, {"e": msgspec.msgpack.encode(entry)}, maxlen=self.settings.max_entries_per_domain,
                       approximate=True)
             pipe.expire(stream, self.settings.semantic_ttl_s)
-            self._dirty.add(domain)
             if domain in self._mirrors:  # this process's later lookups see it without reading it back
                 self._add(self._mirrors[domain], entry)
