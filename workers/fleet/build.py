@@ -22,6 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
+from workers.fleet.fuse import FUSED_VERSION
 from workers.fleet.jobs import ModelJob, ModelOutcome
 from workers.fleet.profiles import PROFILES
 from workers.fleet.recipes import FleetRecipe, recipe_hash
@@ -68,11 +69,13 @@ def build_fleet(
                 _build_and_publish(recipe, entry, progress, workers)
         load_fleet(entry)
     refresh_exemplars(entry, recipe)
+    refresh_graphs(entry, recipe)
     if out is None:
         return entry
     out = Path(out).expanduser().resolve()
     if _complete(out) and load_fleet(out).recipe_hash == recipe_hash(recipe):
         refresh_exemplars(out, recipe)
+        refresh_graphs(out, recipe)
         return out
     if out.exists() and any(out.iterdir()):
         raise FleetError(f"{out}: exists and is not this fleet; choose an empty or new directory")
@@ -145,6 +148,7 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     for job in jobs:
         write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data, recipe.exemplars_per_model)
     _exemplars_stamp(root).write_text(_exemplars_key(recipe))
+    (root / GRAPHS_STAMP).write_text(FUSED_VERSION)  # the jobs fused their graphs
     cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
     fleet = Fleet(
         root=root,
@@ -213,6 +217,29 @@ def refresh_exemplars(root: Path, recipe: FleetRecipe) -> None:
             tmp.replace(target)
         _exemplars_stamp(root).write_text(_exemplars_key(recipe))
     log.info("wrote %d exemplars per model into %s", recipe.exemplars_per_model, root)
+
+
+GRAPHS_STAMP = ".graphs"
+
+
+def refresh_graphs(root: Path, recipe: FleetRecipe) -> None:
+    """Fuse the decoder graphs of a fleet built before the builder fused them (no retraining; each fused
+    graph is checked token for token against the one it replaces, see ``workers.fleet.fuse``)."""
+    from workers.fleet.fuse import fuse_decoder, probe_prompts
+    from workers.fleet.tokenizer import EOS
+
+    stamp = root / GRAPHS_STAMP
+    if stamp.is_file() and stamp.read_text() == FUSED_VERSION:
+        return
+    with _locked(root.parent / f".{root.name}.lock"):
+        if stamp.is_file() and stamp.read_text() == FUSED_VERSION:
+            return  # another process fused them while we waited
+        for m in recipe.models:
+            if not m.int8:
+                evals = [root / "eval" / f"{domain}.jsonl" for domain in m.domains]
+                fuse_decoder(root / "models" / m.name, probe_prompts(m.examples, evals), EOS)
+        stamp.write_text(FUSED_VERSION)
+    log.info("fused the decoder graphs of %s", root)
 
 
 def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int) -> Path:

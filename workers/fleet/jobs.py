@@ -71,6 +71,7 @@ def run_model_job(job: ModelJob) -> ModelOutcome:
 
     from workers.fleet.evaluate import evaluate_model
     from workers.fleet.export import export_causal_lm
+    from workers.fleet.fuse import fuse_decoder, probe_prompts
     from workers.fleet.tokenizer import EOS
     from workers.fleet.train import train
 
@@ -85,6 +86,8 @@ def run_model_job(job: ModelJob) -> ModelOutcome:
     result = train(job.recipe, job.data, tok, job.checkpoint_dir, on_step=on_step, threads=_THREADS)
     start = time.perf_counter()
     export_causal_lm(job.checkpoint_dir, job.model_dir, int8=job.recipe.int8)
+    if not job.recipe.int8:  # the optimizer's fusions work on float graphs
+        fuse_decoder(job.model_dir, probe_prompts(job.recipe.examples, list(job.eval_sets.values())), EOS)
     export_s = time.perf_counter() - start
     shutil.rmtree(job.checkpoint_dir, ignore_errors=True)
     start = time.perf_counter()
