@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ from calm_actors.replying import answer_dead_query, query_rejection, stage_times
 from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
+LOCAL_INFLIGHT_MAX = 100_000  # attempts this executor remembers having dispatched (a copy of what Redis holds)
 
 
 class Executor:
@@ -36,6 +38,9 @@ class Executor:
         self.learner = Learner(rt.client, rt.names)
         self.tuning = Tuning(rt, ("cache", "executor"))
         self._answer_dead = answer_dead_query(self.replies)
+        # The in-flight records this executor wrote, so a successful result needs no read of calm:inflight:data.
+        # Redis stays the record every executor finishes from; this copy only saves the round trip.
+        self._dispatched: OrderedDict[str, Inflight] = OrderedDict()
 
     def install(self) -> None:
         self.rt.consumer(self.names.execute, self.names.GROUP_EXECUTOR, batch_handler=self.on_planned_batch,
@@ -114,6 +119,10 @@ class Executor:
         effects.xadd(stream, encode(work), maxlen=self.settings.streams.maxlen)
         effects.call(lambda p: p.hset(self.names.inflight_data, query.id, encode(inflight)[b"m"]))
         effects.call(lambda p: p.zadd(self.names.inflight, {query.id: deadline_ms}))
+        self._dispatched[query.id] = inflight
+        self._dispatched.move_to_end(query.id)
+        if len(self._dispatched) > LOCAL_INFLIGHT_MAX:
+            self._dispatched.popitem(last=False)
         return effects
 
     # -- results -------------------------------------------------------------------
@@ -127,11 +136,20 @@ class Executor:
                 out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
         if not results:
             return out
-        raw: list[Any] = await self.rt.client.hmget(self.names.inflight_data, [r.id for _, r in results])
-        for (i, result), blob in zip(results, raw, strict=True):
-            if blob is None:
-                continue  # already answered (a late or duplicate result): nothing to do
-            inflight = decode_as(Inflight, {b"m": blob})
+        # A success this executor dispatched is answered from its own copy (the reply's delivery is idempotent
+        # per query id, so a copy that another executor has already answered sends nothing twice); the rest,
+        # and every failure (whose retry must see the latest attempt), read the shared record.
+        known = {r.id: self._dispatched[r.id] for _, r in results if r.ok and r.id in self._dispatched}
+        unknown = list(dict.fromkeys(r.id for _, r in results if r.id not in known))
+        raw: list[Any] = await self.rt.client.hmget(self.names.inflight_data, unknown) if unknown else []
+        stored = dict(zip(unknown, raw, strict=True))
+        for i, result in results:
+            inflight = known.get(result.id)
+            if inflight is None:
+                blob = stored.get(result.id)
+                if blob is None:
+                    continue  # already answered (a late or duplicate result): nothing to do
+                inflight = decode_as(Inflight, {b"m": blob})
             if result.ok:
                 self._finish(out[i], inflight, self._reply(inflight, result))
                 if result.confidence >= self.settings.qos.learn_min_confidence and inflight.embedding:
@@ -161,6 +179,7 @@ class Executor:
         effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         effects.call(lambda p: p.hdel(self.names.inflight_data, query.id))
         effects.call(lambda p: p.zrem(self.names.inflight, query.id))
+        self._dispatched.pop(query.id, None)
 
     async def _retry_or_fail(self, effects: Effects, inflight: Inflight, reason: str) -> None:
         if inflight.attempt < self.settings.executor.max_attempts:
@@ -188,6 +207,8 @@ class Executor:
         bookkeeping; one transaction writes every retry or failure.
         """
         now_ms = time.time() * 1000
+        self._forget_older_than(now_ms - 1000 * self.settings.executor.attempt_timeout_s
+                                * (self.settings.executor.max_attempts + 1))
         expired: list[Any] = await self.rt.client.zrangebyscore(self.names.inflight, "-inf", now_ms, start=0, num=100)
         if not expired:
             return
@@ -217,6 +238,16 @@ class Executor:
             for op in effects.ops:
                 op(pipe)
             await pipe.execute()
+
+
+    def _forget_older_than(self, cutoff_ms: float) -> None:
+        """Drop own records dispatched before ``cutoff_ms``: by then every attempt has timed out, so another
+        executor's sweep has finished them (oldest first: records are kept in the order of their last attempt)."""
+        while self._dispatched:
+            query_id, inflight = next(iter(self._dispatched.items()))
+            if inflight.dispatched_ms >= cutoff_ms:
+                return
+            del self._dispatched[query_id]
 
 
 async def start(rt: ProcessRuntime) -> Executor:
