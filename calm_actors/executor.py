@@ -239,7 +239,6 @@ class Executor:
                 op(pipe)
             await pipe.execute()
 
-
     def _forget_older_than(self, cutoff_ms: float) -> None:
         """Drop own records dispatched before ``cutoff_ms``: by then every attempt has timed out, so another
         executor's sweep has finished them (oldest first: records are kept in the order of their last attempt)."""
