@@ -191,7 +191,7 @@ class Monitor:
         self._known_models = set(models)
         todo = []
         for name, state in models.items():
-            digest = profile_digest(state)
+            digest = profile_digest(state, self.embedder.identity)
             if state.profile_rows <= 0 or state.profile_digest != digest:
                 todo.append((name, state, digest))
         if todo:
@@ -228,7 +228,8 @@ class Monitor:
         """
         states = known if known is not None else await self.rt.kb.models()
         models = {n: s for n, s in states.items()
-                  if not s.baseline and s.profile_rows > 0 and s.profile_digest == profile_digest(s)}
+                  if not s.baseline and s.profile_rows > 0
+                  and s.profile_digest == profile_digest(s, self.embedder.identity)}
         if len(models) < 2:
             return
         ridge = self.settings.planner.classifier_ridge
@@ -257,9 +258,10 @@ class Monitor:
                  time.perf_counter() - started)
 
 
-def profile_digest(state: ModelState) -> str:
-    """What a model's routing profile is made of: description, examples and the exemplars' digest."""
-    key = repr((state.description, state.examples, state.exemplars_digest, state.name))
+def profile_digest(state: ModelState, embedder: str) -> str:
+    """What a model's routing profile is made of: description, examples, the exemplars' digest and the
+    embedder (``SentenceEmbedder.identity``: a rebuilt embedder re-embeds every profile)."""
+    key = repr((state.description, state.examples, state.exemplars_digest, state.name, embedder))
     return hashlib.sha256(key.encode()).hexdigest()[:16]
 
 
