@@ -4,8 +4,9 @@ A small decoder's step is mostly per-node overhead (a 0.7 M-parameter model: 326
 onnxruntime's own optimisations, ~0.5-0.8 ms a step on a 2-core machine). onnxruntime's transformer
 optimizer fuses RMSNorm with its residual add and the rotary embeddings into contrib ops
 (``SkipSimplifiedLayerNormalization``, ``RotaryEmbedding``; CPU and CUDA kernels): 0.79-0.84 × the CPU
-time per continuation on the demo's specialists, 0.86-0.88 on its generalist's shape (2026-11-29). The fused graph replaces the export only when greedy continuations
-of the probe prompts are token for token the unfused graph's.
+time per continuation on the demo's specialists, 0.86-0.88 on its generalist's shape (2026-11-29).
+The fused graph replaces the export only when greedy continuations of the probe prompts are token
+for token the unfused graph's.
 
 Build-time only: needs ``onnx`` (the ``build`` extra).
 """
