@@ -24,8 +24,9 @@ from pathlib import Path
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
 from workers.fleet.fuse import FUSED_VERSION
 from workers.fleet.jobs import ModelJob, ModelOutcome
+from workers.fleet.model_cache import MODELS_DIR, ModelCache, model_key
 from workers.fleet.profiles import PROFILES
-from workers.fleet.recipes import FleetRecipe, recipe_hash
+from workers.fleet.recipes import FleetRecipe, ModelRecipe, recipe_hash
 from workers.fleet.runner import BuildError, run_jobs
 from workers.fleet.spec import FLEET_FILE, MODEL_FILE, Fleet, FleetError, ModelCard, load_fleet, write_fleet
 
@@ -105,7 +106,8 @@ def _build_and_publish(recipe: FleetRecipe, entry: Path, progress: bool, workers
     """Build into a temporary sibling of `entry`, then rename it into place (a half-built leftover is replaced)."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
     try:
-        _build_into(recipe, tmp, progress=progress, workers=workers)
+        models = ModelCache(entry.parent.parent / MODELS_DIR)  # beside <cache dir>/fleets
+        _build_into(recipe, tmp, progress=progress, workers=workers, models=models)
         if entry.exists():
             shutil.rmtree(entry)
         os.rename(tmp, entry)
@@ -113,7 +115,9 @@ def _build_and_publish(recipe: FleetRecipe, entry: Path, progress: bool, workers
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | None) -> None:
+def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | None,
+                models: ModelCache | None = None) -> None:
+    """Build every model of ``recipe`` into ``root`` (reusing those ``models`` holds) and write its fleet.toml."""
     from workers.fleet.tokenizer import train_tokenizer
 
     started = time.perf_counter()
@@ -121,10 +125,16 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     eval_paths: dict[str, Path] = {}
     for domain in recipe.domains:
         eval_paths[domain] = write_eval_set(root / "eval" / f"{domain}.jsonl", eval_items(domain, recipe.data))
+    keys = {m.name: model_key(recipe, m) for m in recipe.models}
+    outcomes: dict[str, ModelOutcome] = {}
+    for m in recipe.models:
+        reused = models.restore(m.name, keys[m.name], root / "models" / m.name) if models is not None else None
+        if reused is not None:
+            outcomes[m.name] = reused
     tok_paths: dict[tuple[tuple[str, ...], int], Path] = {}
     for m in recipe.models:
         key = recipe.tokenizer_key(m)
-        if key not in tok_paths:
+        if key not in tok_paths and m.name not in outcomes:
             domains, vocab = key
             tok_paths[key] = root / "tokenizers" / f"{'+'.join(domains)}-{vocab}.json"
             tok_paths[key].parent.mkdir(exist_ok=True)
@@ -139,17 +149,22 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
             eval_sets={d: eval_paths[d] for d in m.domains},
         )
         for m in recipe.models
+        if m.name not in outcomes
     ]
-    outcomes = run_jobs(
+    built = run_jobs(
         jobs, root / "embedder" if recipe.with_embedder else None, recipe.embedder_int8, progress, workers
     )
+    for job in jobs:
+        if models is not None:
+            models.store(job.recipe.name, keys[job.recipe.name], job.model_dir, built[job.recipe.name])
+    outcomes.update(built)
     shutil.rmtree(root / "tokenizers", ignore_errors=True)
     shutil.rmtree(root / "checkpoints", ignore_errors=True)
-    for job in jobs:
-        write_exemplars(job.model_dir / EXEMPLARS_FILE, job.recipe.domains, recipe.data, recipe.exemplars_per_model)
+    for m in recipe.models:
+        write_exemplars(root / "models" / m.name / EXEMPLARS_FILE, m.domains, recipe.data, recipe.exemplars_per_model)
     _exemplars_stamp(root).write_text(_exemplars_key(recipe))
-    (root / GRAPHS_STAMP).write_text(FUSED_VERSION)  # the jobs fused their graphs
-    cards = tuple(_card(job, outcomes[job.recipe.name], digest) for job in jobs)
+    (root / GRAPHS_STAMP).write_text(FUSED_VERSION)  # the jobs fused their graphs (cached models were fused too)
+    cards = tuple(_card(m, root / "models" / m.name, outcomes[m.name], digest) for m in recipe.models)
     fleet = Fleet(
         root=root,
         name=f"calm-{recipe.profile}",
@@ -163,9 +178,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     log.info("built fleet %s in %.1f s", recipe.profile, time.perf_counter() - started)
 
 
-def _card(job: ModelJob, outcome: ModelOutcome, digest: str) -> ModelCard:
-    m = job.recipe
-    onnx = job.model_dir / MODEL_FILE
+def _card(m: ModelRecipe, model_dir: Path, outcome: ModelOutcome, digest: str) -> ModelCard:
+    onnx = model_dir / MODEL_FILE
     return ModelCard(
         name=m.name,
         path=f"models/{m.name}",
