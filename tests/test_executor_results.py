@@ -66,14 +66,21 @@ async def _replies(client: aioredis.Redis, stream: str) -> list[dict[str, str]]:
     return [{k.decode(): v.decode() for k, v in f.items()} for _, f in await client.xrange(stream)]
 
 
-async def test_a_success_it_dispatched_needs_no_read_of_the_inflight_hash(
-        runtimes: list[ProcessRuntime], monkeypatch: pytest.MonkeyPatch) -> None:
-    rt = runtimes[0]
+async def _dispatch_counting_reads(rt: ProcessRuntime, monkeypatch: pytest.MonkeyPatch,
+                                   query_id: str) -> tuple[Executor, CountingHmget, str]:
+    """An executor whose reads of the in-flight hash are counted, after it dispatched ``query_id``."""
     executor = Executor(rt)
     reads = CountingHmget(rt.client)
     monkeypatch.setattr(rt.client, "hmget", reads)
     reply_to = f"{rt.names.prefix}test-replies"
-    await _apply(rt.client, await executor.on_planned_batch([_planned("q1", reply_to)]))
+    await _apply(rt.client, await executor.on_planned_batch([_planned(query_id, reply_to)]))
+    return executor, reads, reply_to
+
+
+async def test_a_success_it_dispatched_needs_no_read_of_the_inflight_hash(
+        runtimes: list[ProcessRuntime], monkeypatch: pytest.MonkeyPatch) -> None:
+    rt = runtimes[0]
+    executor, reads, reply_to = await _dispatch_counting_reads(rt, monkeypatch, "q1")
     assert await rt.client.hexists(rt.names.inflight_data, "q1")  # the shared record is written all the same
     await _apply(rt.client, await executor.on_results([_result("q1", 1, ok=True)]))
     assert reads.calls == 0
@@ -102,11 +109,7 @@ async def test_another_executors_dispatch_is_finished_from_the_shared_record(run
 async def test_a_failure_reads_the_shared_record_and_retries_the_fallback(
         runtimes: list[ProcessRuntime], monkeypatch: pytest.MonkeyPatch) -> None:
     rt = runtimes[0]
-    executor = Executor(rt)
-    reads = CountingHmget(rt.client)
-    monkeypatch.setattr(rt.client, "hmget", reads)
-    reply_to = f"{rt.names.prefix}test-replies"
-    await _apply(rt.client, await executor.on_planned_batch([_planned("q3", reply_to)]))
+    executor, reads, reply_to = await _dispatch_counting_reads(rt, monkeypatch, "q3")
     await _apply(rt.client, await executor.on_results([_result("q3", 1, ok=False)]))
     assert reads.calls == 1  # a retry must see the latest attempt, which only Redis is sure to hold
     ((_, fields),) = await rt.client.xrange(rt.names.work("generalist"))

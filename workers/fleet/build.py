@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
-from workers.fleet.fuse import FUSED_VERSION
+from workers.fleet.fuse import FUSED_VERSION, fuse_decoder, probe_prompts
 from workers.fleet.jobs import ModelJob, ModelOutcome
 from workers.fleet.model_cache import MODELS_DIR, ModelCache, model_key
 from workers.fleet.profiles import PROFILES
@@ -154,8 +154,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     built = run_jobs(
         jobs, root / "embedder" if recipe.with_embedder else None, recipe.embedder_int8, progress, workers
     )
-    for job in jobs:
-        if models is not None:
+    if models is not None:
+        for job in jobs:
             models.store(job.recipe.name, keys[job.recipe.name], job.model_dir, built[job.recipe.name])
     outcomes.update(built)
     shutil.rmtree(root / "tokenizers", ignore_errors=True)
@@ -239,7 +239,6 @@ GRAPHS_STAMP = ".graphs"
 def refresh_graphs(root: Path, recipe: FleetRecipe) -> None:
     """Fuse the decoder graphs of a fleet built before the builder fused them (no retraining; each fused
     graph is checked token for token against the one it replaces, see ``workers.fleet.fuse``)."""
-    from workers.fleet.fuse import fuse_decoder, probe_prompts
     from workers.fleet.tokenizer import EOS
 
     stamp = root / GRAPHS_STAMP
