@@ -125,3 +125,18 @@ def test_refresh_fuses_a_fleet_built_before_fusion_once(tiny_fleet: Path, unfuse
     stamp_time = (fleet / GRAPHS_STAMP).stat().st_mtime_ns
     refresh_graphs(fleet, PROFILES["tiny"])  # stamped: nothing to do
     assert (fleet / GRAPHS_STAMP).stat().st_mtime_ns == stamp_time
+
+
+def test_without_the_build_extra_a_cached_fleet_is_served_unfused(tiny_fleet: Path, tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A core-only install (no ``onnx``) that finds a fleet built before fusion uses it as it is."""
+    from workers.fleet import build as build_module
+    from workers.fleet.profiles import PROFILES
+
+    fleet = shutil.copytree(tiny_fleet, tmp_path / "fleet")
+    (fleet / build_module.GRAPHS_STAMP).unlink()
+    before = {p: p.read_bytes() for p in (fleet / "models").glob("*/model.onnx")}
+    monkeypatch.setattr(build_module, "fusion_available", lambda: False)
+    build_module.refresh_graphs(fleet, PROFILES["tiny"])
+    assert {p: p.read_bytes() for p in (fleet / "models").glob("*/model.onnx")} == before
+    assert not (fleet / build_module.GRAPHS_STAMP).exists()  # fused later, once the extra is there

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
-from workers.fleet.fuse import FUSED_VERSION, fuse_decoder, probe_prompts
+from workers.fleet.fuse import FUSED_VERSION, fuse_decoder, fusion_available, probe_prompts
 from workers.fleet.jobs import ModelJob, ModelOutcome
 from workers.fleet.model_cache import MODELS_DIR, ModelCache, model_key
 from workers.fleet.profiles import PROFILES
@@ -243,6 +243,9 @@ def refresh_graphs(root: Path, recipe: FleetRecipe) -> None:
 
     stamp = root / GRAPHS_STAMP
     if stamp.is_file() and stamp.read_text() == FUSED_VERSION:
+        return
+    if not fusion_available():
+        log.info("%s: decoder graphs left unfused (fusing needs the `build` extra's onnx package)", root)
         return
     with _locked(root.parent / f".{root.name}.lock"):
         if stamp.is_file() and stamp.read_text() == FUSED_VERSION:

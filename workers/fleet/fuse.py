@@ -37,6 +37,16 @@ PROBES_PER_DOMAIN = 16  # held-out prompts per domain among the probes
 ROTARY_CACHES = ("cos_cache", "sin_cache")
 
 
+def fusion_available() -> bool:
+    """Whether this environment can fuse graphs (``onnx`` and onnxruntime's transformer tools import)."""
+    try:
+        import onnx  # noqa: F401
+        from onnxruntime.transformers import optimizer  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
 def probe_prompts(examples: Sequence[str], eval_sets: Sequence[Path]) -> list[str]:
     """A model's probes: its card examples and the first ``PROBES_PER_DOMAIN`` prompts of each eval set."""
     probes = list(examples)
