@@ -14,11 +14,9 @@ import contextlib
 import json
 import logging
 import math
-import os
 import shutil
-import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
@@ -29,6 +27,7 @@ from workers.fleet.profiles import PROFILES
 from workers.fleet.recipes import FleetRecipe, ModelRecipe, recipe_hash
 from workers.fleet.runner import BuildError, run_jobs
 from workers.fleet.spec import FLEET_FILE, MODEL_FILE, Fleet, FleetError, ModelCard, load_fleet, write_fleet
+from workers.fleet.staging import staged_dir
 
 __all__ = ["DEFAULT_CACHE_DIR", "BuildError", "build_fleet", "cache_entry"]
 
@@ -65,7 +64,7 @@ def build_fleet(
     entry = cache_entry(cache_dir, recipe)
     if not _complete(entry):
         entry.parent.mkdir(parents=True, exist_ok=True)
-        with _locked(entry.parent / f".{entry.name}.lock"):
+        with _locked(_fleet_lock(entry)):
             if not _complete(entry):  # another process may have built it while we waited
                 _build_and_publish(recipe, entry, progress, workers)
         load_fleet(entry)
@@ -103,16 +102,10 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _build_and_publish(recipe: FleetRecipe, entry: Path, progress: bool, workers: int | None) -> None:
-    """Build into a temporary sibling of `entry`, then rename it into place (a half-built leftover is replaced)."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}-", dir=entry.parent))
-    try:
-        models = ModelCache(entry.parent.parent / MODELS_DIR)  # beside <cache dir>/fleets
+    """Build into a scratch sibling of `entry`, then rename it into place (a half-built leftover is replaced)."""
+    models = ModelCache(entry.parent.parent / MODELS_DIR)  # beside <cache dir>/fleets
+    with staged_dir(entry) as tmp:
         _build_into(recipe, tmp, progress=progress, workers=workers, models=models)
-        if entry.exists():
-            shutil.rmtree(entry)
-        os.rename(tmp, entry)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | None,
@@ -162,7 +155,7 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     shutil.rmtree(root / "checkpoints", ignore_errors=True)
     for m in recipe.models:
         write_exemplars(root / "models" / m.name / EXEMPLARS_FILE, m.domains, recipe.data, recipe.exemplars_per_model)
-    _exemplars_stamp(root).write_text(_exemplars_key(recipe))
+    (root / EXEMPLARS_STAMP).write_text(_exemplars_key(recipe))
     (root / GRAPHS_STAMP).write_text(FUSED_VERSION)  # the jobs fused their graphs (cached models were fused too)
     cards = tuple(_card(m, root / "models" / m.name, outcomes[m.name], digest) for m in recipe.models)
     fleet = Fleet(
@@ -204,33 +197,45 @@ EXEMPLARS_FILE = "exemplars.jsonl"
 EXEMPLARS_STAMP = ".exemplars"
 
 
-def _exemplars_stamp(root: Path) -> Path:
-    return root / EXEMPLARS_STAMP
-
-
 def _exemplars_key(recipe: FleetRecipe) -> str:
     return f"{recipe.exemplars_per_model}:{EXEMPLAR_SEED}"
 
 
-def _exemplars_current(root: Path, recipe: FleetRecipe) -> bool:
-    stamp = _exemplars_stamp(root)
-    return stamp.is_file() and stamp.read_text() == _exemplars_key(recipe)
+def _fleet_lock(root: Path) -> Path:
+    """The lock a fleet directory's builds and refreshes take (beside it, so a rename keeps it)."""
+    return root.parent / f".{root.name}.lock"
+
+
+def _stamped(root: Path, stamp: str, value: str) -> bool:
+    path = root / stamp
+    return path.is_file() and path.read_text() == value
+
+
+def _refresh_once(root: Path, stamp: str, value: str, refresh: Callable[[], None]) -> bool:
+    """Run ``refresh`` under the fleet's lock and stamp ``root`` with ``value``, unless the stamp says so
+    already (also when another process refreshed it while this one waited). True when this call did."""
+    if _stamped(root, stamp, value):
+        return False
+    with _locked(_fleet_lock(root)):
+        if _stamped(root, stamp, value):
+            return False
+        refresh()
+        (root / stamp).write_text(value)
+    return True
 
 
 def refresh_exemplars(root: Path, recipe: FleetRecipe) -> None:
     """Rewrite a built fleet's exemplar files when the recipe asks for another count (no retraining)."""
-    if _exemplars_current(root, recipe):
-        return
-    with _locked(root.parent / f".{root.name}.lock"):
-        if _exemplars_current(root, recipe):
-            return  # another process refreshed them while we waited
+
+    def rewrite() -> None:
         for m in recipe.models:
             target = root / "models" / m.name / EXEMPLARS_FILE
             tmp = target.with_suffix(".tmp")
             write_exemplars(tmp, m.domains, recipe.data, recipe.exemplars_per_model)
             tmp.replace(target)
-        _exemplars_stamp(root).write_text(_exemplars_key(recipe))
-    log.info("wrote %d exemplars per model into %s", recipe.exemplars_per_model, root)
+
+    if _refresh_once(root, EXEMPLARS_STAMP, _exemplars_key(recipe), rewrite):
+        log.info("wrote %d exemplars per model into %s", recipe.exemplars_per_model, root)
 
 
 GRAPHS_STAMP = ".graphs"
@@ -241,21 +246,18 @@ def refresh_graphs(root: Path, recipe: FleetRecipe) -> None:
     graph is checked token for token against the one it replaces, see ``workers.fleet.fuse``)."""
     from workers.fleet.tokenizer import EOS
 
-    stamp = root / GRAPHS_STAMP
-    if stamp.is_file() and stamp.read_text() == FUSED_VERSION:
-        return
-    if not fusion_available():
+    if not _stamped(root, GRAPHS_STAMP, FUSED_VERSION) and not fusion_available():
         log.info("%s: decoder graphs left unfused (fusing needs the `build` extra's onnx package)", root)
         return
-    with _locked(root.parent / f".{root.name}.lock"):
-        if stamp.is_file() and stamp.read_text() == FUSED_VERSION:
-            return  # another process fused them while we waited
+
+    def fuse() -> None:
         for m in recipe.models:
             if not m.int8:
                 evals = [root / "eval" / f"{domain}.jsonl" for domain in m.domains]
                 fuse_decoder(root / "models" / m.name, probe_prompts(m.examples, evals), EOS)
-        stamp.write_text(FUSED_VERSION)
-    log.info("fused the decoder graphs of %s", root)
+
+    if _refresh_once(root, GRAPHS_STAMP, FUSED_VERSION, fuse):
+        log.info("fused the decoder graphs of %s", root)
 
 
 def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int) -> Path:

@@ -13,15 +13,13 @@ import dataclasses
 import hashlib
 import json
 import logging
-import os
 import shutil
-import sys
-import tempfile
 from pathlib import Path
 
 from workers.fleet.fuse import FUSED_VERSION
 from workers.fleet.jobs import ModelOutcome
-from workers.fleet.recipes import BUILDER_VERSION, FleetRecipe, ModelRecipe
+from workers.fleet.recipes import FleetRecipe, ModelRecipe, build_versions
+from workers.fleet.staging import staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -33,8 +31,7 @@ CARD_FIELDS = frozenset({"description", "examples"})  # card text: not what is t
 def model_key(recipe: FleetRecipe, model: ModelRecipe) -> str:
     """sha256 hex of everything ``model``'s built files depend on (not its card text)."""
     doc = {
-        "builder_version": BUILDER_VERSION,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        **build_versions(),
         "fused": FUSED_VERSION,
         "data": dataclasses.asdict(recipe.data),
         "tokenizer": list(recipe.tokenizer_key(model)),
@@ -67,20 +64,13 @@ class ModelCache:
         target = self.entry(name, key)
         if self._outcome(target) is not None:
             return
-        self.root.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}-", dir=self.root))
         try:
-            shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
-            (tmp / OUTCOME_FILE).write_text(json.dumps(dataclasses.asdict(outcome)), encoding="utf-8")
-            if target.exists():  # a damaged leftover
-                shutil.rmtree(target)
-            try:
-                os.rename(tmp, target)
-            except OSError:
-                if self._outcome(target) is None:  # not another build storing the same model meanwhile
-                    raise
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+            with staged_dir(target) as tmp:
+                shutil.copytree(model_dir, tmp, dirs_exist_ok=True)
+                (tmp / OUTCOME_FILE).write_text(json.dumps(dataclasses.asdict(outcome)), encoding="utf-8")
+        except OSError:
+            if self._outcome(target) is None:  # not another build storing the same model meanwhile
+                raise
 
     @staticmethod
     def _outcome(entry: Path) -> ModelOutcome | None:

@@ -110,11 +110,15 @@ class FleetRecipe:
 DERIVED_FIELDS = frozenset({"exemplars_per_model"})  # recipe fields that do not change what is trained
 
 
+def build_versions() -> dict[str, str]:
+    """The builder and Python versions a built artefact depends on (the corpora come from the interpreter)."""
+    return {"builder_version": BUILDER_VERSION, "python": f"{sys.version_info.major}.{sys.version_info.minor}"}
+
+
 def canonical_json(recipe: FleetRecipe) -> str:
     """The recipe as sorted, compact JSON, with the builder and Python versions."""
     doc = {
-        "builder_version": BUILDER_VERSION,
-        "python": f"{sys.version_info.major}.{sys.version_info.minor}",
+        **build_versions(),
         "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k not in DERIVED_FIELDS},
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
