@@ -111,8 +111,11 @@ def _connection_class(url: str) -> type[aioredis.Connection] | type[aioredis.Uni
     return {"redis": _TcpConnection, "rediss": _TlsConnection, "unix": _UnixConnection}.get(scheme)
 
 
-def client(url: str, settings: RedisSettings, *, blocking: bool = False) -> aioredis.Redis:
-    """An asyncio client with retry/backoff on connection errors. ``blocking`` clients have no read timeout."""
+def client(url: str, settings: RedisSettings, *, blocking: bool = False, name: str | None = None) -> aioredis.Redis:
+    """An asyncio client with retry/backoff on connection errors. ``blocking`` clients have no read timeout.
+
+    ``name`` is set on every connection it opens (``CLIENT SETNAME``), so it can be found in ``CLIENT LIST``.
+    """
     retry = Retry(ExponentialWithJitterBackoff(cap=settings.retry_backoff_cap_s, base=0.05), settings.retry_attempts)
     connection_class = _connection_class(url)
     extra: dict[str, Any] = {"connection_class": connection_class} if connection_class is not None else {}
@@ -126,6 +129,7 @@ def client(url: str, settings: RedisSettings, *, blocking: bool = False) -> aior
         retry=retry,
         retry_on_error=[RedisConnectionError, RedisTimeoutError, ConnectionResetError],
         decode_responses=False,
+        client_name=name,
     )
 
 

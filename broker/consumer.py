@@ -70,6 +70,7 @@ class StreamConsumer:
         batch: int | None = None,
         block_ms: int | None = None,
         trim_acked: bool = False,
+        reader_name: str | None = None,
     ) -> None:
         if (handler is None) == (batch_handler is None):
             raise ValueError("give exactly one of handler and batch_handler")
@@ -84,6 +85,7 @@ class StreamConsumer:
         self._batch = batch or settings.batch
         self._block_ms = block_ms or settings.block_ms
         self._trim_acked = trim_acked and settings.retain_acked_s > 0
+        self._reader_name = reader_name  # the reader's CLIENT SETNAME: how `wake` finds its blocked read
         self._stop = asyncio.Event()
         self._reclaimed: asyncio.Queue[list[Entry]] = asyncio.Queue()
         self.processed = 0
@@ -91,6 +93,22 @@ class StreamConsumer:
     def stop(self) -> None:
         """Stop reading; the current batch is finished first."""
         self._stop.set()
+
+    async def wake(self) -> None:
+        """End a blocked read now (``CLIENT UNBLOCK``: it returns empty and delivers nothing).
+
+        After :meth:`stop`, the consumer then ends at once instead of when its read times out (up to
+        ``block_ms``). Best effort: where the server refuses ``CLIENT`` commands, the read times out as before.
+        """
+        if self._reader_name is None:
+            return
+        try:
+            clients: Any = await self.writer.client_list()
+            for found in clients:
+                if as_text(found.get("name", "")) == self._reader_name:
+                    await self.writer.client_unblock(int(found["id"]))
+        except (ResponseError, RedisConnectionError, RedisTimeoutError, OSError) as e:
+            log.debug("%s: could not wake the reader of %s: %s", self.spec.actor, self.spec.stream, e)
 
     async def run(self) -> None:
         """Read and handle until :meth:`stop`; survive connection drops with backoff."""

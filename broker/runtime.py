@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import logging
 import os
+import re
 import signal
 import socket
 import sys
+import uuid
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
@@ -51,9 +53,11 @@ class ProcessRuntime:
 
     def consumer(self, stream: str, group: str, **kwargs: Any) -> StreamConsumer:
         """A consumer with its own blocking connection, named after this actor instance."""
-        reader = make_client(self.url, self.settings.redis, blocking=True)
+        reader_name = _client_name(f"calm-{self.role}-{self.instance}-{uuid.uuid4().hex[:8]}")
+        reader = make_client(self.url, self.settings.redis, blocking=True, name=reader_name)
         spec = ConsumerSpec(stream=stream, group=group, consumer=self.instance, actor=self.role)
-        consumer = StreamConsumer(reader, self.client, spec, self.names, self.settings.streams, **kwargs)
+        consumer = StreamConsumer(reader, self.client, spec, self.names, self.settings.streams,
+                                  reader_name=reader_name, **kwargs)
         self._readers[id(consumer)] = reader
         self._consumers.append(consumer)
         if self._serving:
@@ -76,6 +80,7 @@ class ProcessRuntime:
     async def retire(self, consumer: StreamConsumer, timeout_s: float = DRAIN_TIMEOUT_S) -> None:
         """Stop one consumer, let its current batch finish, and close its connection."""
         consumer.stop()
+        await consumer.wake()
         task = self._runs.pop(id(consumer), None)
         if task is not None:
             done, _ = await asyncio.wait([task], timeout=timeout_s)
@@ -128,6 +133,7 @@ class ProcessRuntime:
         await self.stopping.wait()
         for consumer in self._consumers:
             consumer.stop()
+        await asyncio.gather(*(consumer.wake() for consumer in self._consumers))
         runs = list(self._runs.values())
         if runs:
             _, late = await asyncio.wait(runs, timeout=DRAIN_TIMEOUT_S)
@@ -159,6 +165,11 @@ class ProcessRuntime:
         if self.stopping.is_set():  # second signal: leave at once
             os._exit(130)
         self.stopping.set()
+
+
+def _client_name(name: str) -> str:
+    """``name`` as Redis accepts a client name (no spaces or newlines)."""
+    return re.sub(r"[^A-Za-z0-9_.:-]", "_", name)
 
 
 def announce_ready(role: str) -> None:

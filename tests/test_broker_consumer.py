@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import uuid
 
 import redis.asyncio as aioredis
 
@@ -158,3 +159,44 @@ async def test_a_commit_survives_a_server_that_lost_its_scripts(aclient: aioredi
 
     await _run_until(consumer, done)
     assert flushed, "the first commit ran against a server without the script"
+
+
+async def test_wake_ends_a_blocked_read_at_once_and_delivers_nothing(
+    aclient: aioredis.Redis, redis_url: str, names: Names, settings: Settings
+) -> None:
+    from broker.connection import client as make_client
+
+    stream = f"{names.prefix}wake"
+    name = f"calm-test-wake-{uuid.uuid4().hex[:8]}"
+    reader = make_client(redis_url, settings.redis, blocking=True, name=name)
+    handled: list[str] = []
+
+    async def handler(entry: Entry) -> Effects:
+        handled.append(entry.id)
+        return Effects()
+
+    spec = ConsumerSpec(stream=stream, group="g", consumer="c1", actor="test")
+    # A read that blocks for ten minutes: only the wake can end the consumer within the guard below.
+    consumer = StreamConsumer(reader, aclient, spec, names, settings.streams, handler=handler, block_ms=600_000,
+                              reader_name=name)
+    task = asyncio.create_task(consumer.run())
+    try:
+        for _ in range(200):  # until the reader is blocked in its XREADGROUP
+            clients = await aclient.client_list()
+            if any(c.get("name") == name and "xreadgroup" in str(c.get("cmd", "")) for c in clients):
+                break
+            await asyncio.sleep(0.05)
+        else:
+            raise AssertionError(f"the reader never blocked: {clients}")
+        consumer.stop()
+        await consumer.wake()
+        await asyncio.wait_for(task, timeout=60)  # a guard against a hang, not a measurement
+        await aclient.xadd(stream, {"after": "stop"})
+        groups = await aclient.xinfo_groups(stream)
+        assert handled == []
+        assert [(g["pending"], g["lag"]) for g in groups] == [(0, 1)]  # nothing was delivered to the stopped consumer
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await reader.aclose()
