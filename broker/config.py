@@ -124,6 +124,7 @@ class CacheSettings:
 class SchedulerSettings:
     policy: str = "lru"  # lru | demand60 | static | forecast
     interval_ms: int = 1000
+    react_ms: int = 20  # a model loaded for waiting queries: plan again this soon after they are served
     worker_timeout_s: float = 10.0  # missed heartbeats for this long: worker removed
     bucket_s: float = 10.0  # demand is counted per model (and per domain) in buckets this long
     window_s: float = 60.0  # demand60: evict the model with the fewest requests in this window
@@ -149,7 +150,7 @@ class SchedulerSettings:
         for name in ("alpha", "beta", "gamma"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ConfigError(f"scheduler.{name} must be within [0, 1]")
-        for name in ("interval_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):
+        for name in ("interval_ms", "react_ms", "bucket_s", "window_s", "horizon_s", "max_replicas"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"scheduler.{name} must be > 0")
         for name in ("season_s", "hysteresis", "min_residency_s", "prefetch_min_requests", "quiet_discount"):

@@ -4,12 +4,16 @@ It runs the configured residency policy (``scheduler.policy``: lru, demand60, st
 the same code ``calm bench residency`` replays traces through. Demand comes from the knowledge base
 (per-model and per-domain buckets the planner counts); a cold miss (``WantModel``) or work waiting
 for a model nobody holds asks the policy to place it; every ``interval_ms`` the policy plans
-(prefetch, rebalance) and a worker joining or leaving triggers a plan at once. Commands go to
-``calm:control:<worker>``; the workers' acknowledgements update the knowledge base.
+(prefetch, rebalance) and a worker joining or leaving triggers a plan at once. A model loaded for
+waiting queries is watched once its worker reports it loaded: ``react_ms`` after those queries are
+served the policy plans again, so a one-off request's model gives its room back within a load
+instead of an interval. Commands go to ``calm:control:<worker>``; the workers' acknowledgements
+update the knowledge base.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Iterable, Mapping
@@ -28,12 +32,21 @@ log = logging.getLogger(__name__)
 LOAD_TIMEOUT_S = 120.0
 RETRY_FIRST_S = 1.0  # a failed load is not retried on that worker for this long, doubling up to the cap
 RETRY_CAP_S = 60.0
+VISIT_WATCH_S = 30.0  # a model loaded for waiting queries is watched this long at most for them to be served
 
 
 @dataclass(slots=True)
 class Pending:
     action: str
     deadline_ms: float
+
+
+@dataclass(slots=True)
+class Visit:
+    """A model loaded for queries that were waiting for it: plan again once they are served."""
+
+    until: float  # time.monotonic() after which it is no longer watched
+    loaded: bool = False  # its worker reported it loaded: its backlog now tells whether they were served
 
 
 @dataclass(slots=True)
@@ -60,10 +73,13 @@ class Scheduler:
         self.backlog: dict[str, int] = {}
         self._snapshot: FleetSnapshot | None = None
         self.card_mb: dict[str, float] = {}  # each model's size as first seen (as registered: the card's estimate)
+        self.visits: dict[str, Visit] = {}  # models loaded for waiting queries, until those are served
+        self._visit_loaded = asyncio.Event()  # set while a watched model is loaded: poll its backlog
 
     def install(self) -> None:
         self.rt.consumer(self.names.sched, self.names.GROUP_SCHEDULER, handler=self.on_message)
         self.rt.every(self.settings.scheduler.interval_ms / 1000, self.tick, "tick")
+        self.rt.spawn(self._react_loop(), "react")
 
     async def refresh(self) -> None:
         """Models, workers and their work streams' backlogs (what must not go now), in one round trip."""
@@ -97,6 +113,12 @@ class Scheduler:
         elif isinstance(message, WorkerEvent):
             self.pending.pop((message.worker, message.model), None)
             self._note_outcome(message)
+            if message.model in self.visits and message.event in ("loaded", "load_failed"):
+                if message.event == "loaded":
+                    self.visits[message.model].loaded = True
+                    self._visit_loaded.set()
+                else:
+                    del self.visits[message.model]
             if message.event in ("registered", "stopping", "load_failed"):
                 await self.refresh()
                 self._act(self._replan(), effects)
@@ -139,6 +161,39 @@ class Scheduler:
                 self._act(self._place(model, reason=f"{waiting} queries waiting"), effects)
         if not effects.ops:
             self._act(self._replan(), effects)
+        await self._send(effects)
+
+    async def _react_loop(self) -> None:
+        """Every ``react_ms`` while a watched model is loaded: plan once its waiting queries are served."""
+        pause_s = self.settings.scheduler.react_ms / 1000
+        while True:
+            await self._visit_loaded.wait()
+            await asyncio.sleep(pause_s)
+            try:
+                await self.react()
+            except Exception:
+                log.exception("scheduler: re-planning after a visit failed")
+
+    async def react(self) -> None:
+        """Plan at once for each watched model that has served its waiting queries (no backlog left)."""
+        now = time.monotonic()
+        self.visits = {m: v for m, v in self.visits.items() if v.until > now}
+        if not any(v.loaded for v in self.visits.values()):
+            self._visit_loaded.clear()
+            return
+        await self.refresh()
+        served = [m for m, v in self.visits.items() if v.loaded and self.backlog.get(m, 0) == 0]
+        if not served:
+            return
+        for model in served:
+            del self.visits[model]
+        await self.refresh_demand()
+        effects = Effects()
+        self._act(self._replan(), effects)
+        await self._send(effects)
+
+    async def _send(self, effects: Effects) -> None:
+        """Send the commands ``_act`` gathered, in one round trip."""
         if effects.ops:
             pipe = self.rt.client.pipeline(transaction=False)
             for op in effects.ops:
@@ -187,6 +242,8 @@ class Scheduler:
         if any(m == model for _, m in self.pending):
             return []
         actions = self.policy.place(model, self._slots(), self._memory(), time.time(), self._pinned())
+        if any(a.kind == "load" and a.model == model for a in actions):
+            self.visits[model] = Visit(time.monotonic() + VISIT_WATCH_S)
         if not actions and not self._resident(model):
             if model in getattr(self.policy, "waiting", {}):
                 log.debug("%s (%s) waits for a busy model loaded on demand to make room", model, reason)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 from typing import Any
@@ -47,8 +48,8 @@ def test_belady_is_the_bound_for_loading_on_misses() -> None:
         assert results[name]["cold_loads"] >= results["belady"]["cold_loads"], name
 
 
-def _events(trace: list[Request], name: str, settings: SchedulerSettings,
-            load_s: float = 0.0) -> tuple[list[tuple[float, Action]], set[float]]:
+def _events(trace: list[Request], name: str, settings: SchedulerSettings, load_s: float = 0.0,
+            react_s: float = math.inf) -> tuple[list[tuple[float, Action]], set[float]]:
     """Every action the policy took (with its time) and the arrival times of cold requests."""
     actions: list[tuple[float, Action]] = []
     cold: set[float] = set()
@@ -67,8 +68,24 @@ def _events(trace: list[Request], name: str, settings: SchedulerSettings,
     demand = Demand(settings.bucket_s)
     ranking = sorted(MODELS)
     Recording(make_policy(name, settings, demand, ranking=ranking), demand, 2.0, {"a": 1.0, "b": 1.0, "p": 1.0},
-              dict.fromkeys("abp", load_s), settings.interval_ms / 1000).run(trace)
+              dict.fromkeys("abp", load_s), settings.interval_ms / 1000, react_s).run(trace)
     return actions, cold
+
+
+def test_a_one_off_model_gives_its_room_back_as_soon_as_it_has_served() -> None:
+    # a and b fill both slots, each asked twice a second; p is asked once, just after 30 s.
+    busy = [Request(i * 0.25, "b" if i % 2 else "a") for i in range(240)]
+    trace = sorted([*busy, Request(30.01, "p")], key=lambda r: r.t)
+    settings = SchedulerSettings(interval_ms=1000, react_ms=20, bucket_s=2.0, horizon_s=4.0, min_residency_s=6.0)
+    reacting, cold = _events(trace, "forecast", settings, load_s=0.1, react_s=settings.react_ms / 1000)
+    displaced = next(a.model for t, a in reacting if t == 30.01 and a.kind == "evict")
+    back = [t for t, a in reacting if t > 30.01 and a.kind == "load" and a.model == displaced]
+    # p is loaded at 30.01 and ready at 30.11; the plan runs 20 ms later, not at the next interval (31.0).
+    assert back and back[0] == pytest.approx(30.13), reacting
+    assert ("evict", "p") in {(a.kind, a.model) for t, a in reacting if t == back[0]}
+    assert {t for t in cold if t > 29.0} == {30.01}  # the displaced model is back before its next request
+    _, cold_without = _events(trace, "forecast", settings, load_s=0.1)  # plans only every interval
+    assert {t for t in cold_without if t > 29.0} > {30.01}
 
 
 def _daily_burst(cycles: int = 8) -> list[Request]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,14 @@ import redis.asyncio as aioredis
 
 from broker.kb import KnowledgeBase, ModelState
 from broker.names import Names
+from calm.bench.residency_live import slots_budget_mb
 from calm_actors.scheduler import merge_domain_demand
 from tests.calmproc import calm_up, collect, send
 
-FAST = ("--set=streams.reclaim_idle_ms=1500", "--set=streams.reclaim_interval_ms=300",
-        "--set=executor.attempt_timeout_s=30", "--set=scheduler.worker_timeout_s=4",
-        "--set=scheduler.interval_ms=500", "--set=scheduler.bucket_s=2", "--set=scheduler.horizon_s=4",
-        "--set=scheduler.min_residency_s=2")
+TIME_SCALED = ("--set=streams.reclaim_idle_ms=1500", "--set=streams.reclaim_interval_ms=300",
+               "--set=executor.attempt_timeout_s=30", "--set=scheduler.worker_timeout_s=4",
+               "--set=scheduler.bucket_s=2", "--set=scheduler.horizon_s=4", "--set=scheduler.min_residency_s=2")
+FAST = (*TIME_SCALED, "--set=scheduler.interval_ms=500")
 
 
 def _cards(fleet: Path) -> dict[str, float]:
@@ -99,3 +101,58 @@ def test_shifting_workload_within_a_budget_that_fits_only_some_models(
     loaded = [e["model"] for e in events if e["event"] == "loaded"]
     assert evicted, "a budget that cannot hold every model forces evictions as the workload shifts"
     assert set(loaded) == {"arith", "sort", "generalist"}
+
+
+def _control_commands(client: redis.Redis, prefix: str) -> list[tuple[str, str, str]]:
+    """(action, model, reason) of every command the scheduler sent to any worker, in order of time."""
+    from broker.codec import decode
+    from broker.messages import Control
+
+    found: list[tuple[str, str, str, str]] = []
+    keys: Any = client.scan_iter(f"{prefix}control:*")
+    for key in keys:
+        stream = key.decode()
+        rows: Any = client.xrange(stream)
+        for entry_id, fields in rows:
+            message = decode(fields, entry_id.decode(), stream)
+            if isinstance(message, Control):
+                found.append((entry_id.decode(), message.action, message.model, message.reason))
+    found.sort(key=lambda c: tuple(int(x) for x in c[0].split("-")))
+    return [c[1:] for c in found]
+
+
+@pytest.mark.slow
+def test_a_one_off_model_gives_its_room_back_without_waiting_for_the_next_plan(
+        tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    from workers.fleet.spec import load_fleet
+
+    budget = slots_budget_mb(load_fleet(tiny_fleet), 2)  # two of the three models, never all three
+    client = redis.Redis.from_url(redis_url)
+    # A ten-minute interval: after the plan at start-up, only the re-plan after a visit can bring a model back.
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", "--memory-mb", str(budget),
+                 "--set=scheduler.policy=forecast", "--set=scheduler.interval_ms=600000", *TIME_SCALED):
+        for n in range(8):  # arith and sort busy for a few seconds
+            ids = set()
+            for model in ("arith", "sort"):
+                ids.add(qid := f"busy-{model}-{n}")
+                send(client, prefix, prompt=f"{n}+{n}=", id=qid, model=model, max_new_tokens="4")
+            got = collect(client, f"{prefix}replies", ids, timeout_s=120)
+            assert all(got[q][0]["status"] == "ok" for q in ids), got
+            time.sleep(0.3)
+        send(client, prefix, prompt="1+1=", id="one-off", model="generalist", max_new_tokens="4")
+        got = collect(client, f"{prefix}replies", {"one-off"}, timeout_s=120)
+        assert got["one-off"][0]["status"] == "ok" and got["one-off"][0]["model"] == "generalist"
+        deadline = time.monotonic() + 60  # a guard against a hang, not a measurement
+        while time.monotonic() < deadline:
+            commands = _control_commands(client, prefix)
+            loads = [i for i, c in enumerate(commands) if c[:2] == ("load", "generalist")]
+            displaced = [c[1] for c in commands[:loads[-1]] if c[0] == "evict"] if loads else []
+            back = [c for c in commands[loads[-1]:] if displaced and c[:2] == ("load", displaced[-1])] if loads else []
+            if back:
+                break
+            time.sleep(0.2)
+    assert loads and displaced, commands
+    assert displaced[-1] in ("arith", "sort"), commands
+    # The model the one-off request pushed out came back by the plan (a prefetch), with no request for it.
+    assert back and back[0][2].startswith("prefetch"), commands
+    assert ("evict", "generalist") in [c[:2] for c in commands[loads[-1]:]], commands

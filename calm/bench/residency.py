@@ -125,7 +125,7 @@ def trace_summary(args: argparse.Namespace, trace: Sequence[Request]) -> dict[st
 def scheduler_summary(settings: Settings) -> dict[str, Any]:
     return {k: getattr(settings.scheduler, k) for k in (
         "forecaster", "alpha", "beta", "gamma", "season_s", "bucket_s", "horizon_s", "hysteresis",
-        "min_residency_s", "window_s", "interval_ms")}
+        "min_residency_s", "window_s", "interval_ms", "react_ms")}
 
 
 def show(report: dict[str, Any]) -> None:

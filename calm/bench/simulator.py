@@ -3,8 +3,9 @@
 One simulated worker holds models within a budget (``--slots K``: one unit per model, budget K;
 ``--memory-mb M``: the fleet cards' memory). Requests arrive per the trace; the policy is asked,
 exactly as the live scheduler asks it, to ``place`` a model a request needs and nobody holds, and
-to ``plan`` every ``scheduler.interval_ms``. A load takes ``load_s`` of simulated time; a request
-that finds its model absent or still loading is a cold load and waits for it.
+to ``plan`` every ``scheduler.interval_ms`` and ``scheduler.react_ms`` after a model loaded for waiting
+requests has served them. A load takes ``load_s`` of simulated time; a request that finds its model
+absent or still loading is a cold load and waits for it (served the moment the load ends).
 
 Counted per policy: ``cold_loads`` (requests whose model was not ready when they arrived),
 ``loads``, ``evictions``, ``unserved`` (requests still waiting at the end), ``wait_s`` (total time
@@ -16,6 +17,7 @@ nothing; in slot-seconds with ``--slots``).
 from __future__ import annotations
 
 import bisect
+import heapq
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Mapping, Sequence
@@ -95,12 +97,14 @@ class Simulation:
     memory: Mapping[str, float]
     load_s: Mapping[str, float]
     interval_s: float
+    react_s: float = math.inf  # plan this long after a load for waiting requests ends (inf: only every interval)
     stats: Stats = field(default_factory=Stats)
     slot: Slot = field(init=False)
     ready_at: dict[str, float] = field(default_factory=dict)
     loaded_at: dict[str, float] = field(default_factory=dict)
     served: dict[str, bool] = field(default_factory=dict)
     queued: dict[str, list[float]] = field(default_factory=dict)  # model -> arrival times waiting for it
+    reactions: list[float] = field(default_factory=list)  # heap: when to plan after a load for waiting requests
 
     def __post_init__(self) -> None:
         self.slot = Slot(WORKER, self.budget, frozenset(self.memory), {})
@@ -110,9 +114,12 @@ class Simulation:
             return self.stats
         next_tick = trace[0].t
         for request in trace:
-            while next_tick <= request.t:
-                self.tick(next_tick)
-                next_tick += self.interval_s
+            while min(next_tick, self.reactions[0] if self.reactions else math.inf) <= request.t:
+                if self.reactions and self.reactions[0] < next_tick:
+                    self.react(heapq.heappop(self.reactions))
+                else:
+                    self.tick(next_tick)
+                    next_tick += self.interval_s
             self.arrive(request)
         end = trace[-1].t
         self._complete(end)
@@ -126,6 +133,11 @@ class Simulation:
         self._complete(now)
         for model in [m for m, q in self.queued.items() if q and m not in self.slot.loaded]:
             self._apply(self.policy.place(model, [self.slot], self.memory, now, self._busy(now)), now)
+        self._apply(self.policy.plan([self.slot], self.memory, now, self._busy(now)), now)
+
+    def react(self, now: float) -> None:
+        """What the live scheduler does once a model loaded for waiting requests has served them: plan."""
+        self._complete(now)
         self._apply(self.policy.plan([self.slot], self.memory, now, self._busy(now)), now)
 
     def arrive(self, request: Request) -> None:
@@ -177,6 +189,8 @@ class Simulation:
                 self.stats.peak_used = max(self.stats.peak_used, used)
                 self.slot.loaded[model] = now
                 self.ready_at[model] = now + self.load_s.get(model, 0.0)
+                if self.queued.get(model) and math.isfinite(self.react_s):
+                    heapq.heappush(self.reactions, self.ready_at[model] + self.react_s)
                 self.loaded_at[model] = now
                 self.served[model] = False
                 self.stats.loads += 1
@@ -204,7 +218,7 @@ def simulate(name: str, trace: Sequence[Request], budget: float, memory: Mapping
         ranking = sorted(totals, key=lambda m: (-totals[m], m))  # static: the operator knows the overall mix
         costs = ModelCosts(load_s=dict(loads))
         policy = make_policy(name, settings, demand, costs, ranking=ranking)
-    sim = Simulation(policy, demand, budget, memory, loads, settings.interval_ms / 1000)
+    sim = Simulation(policy, demand, budget, memory, loads, settings.interval_ms / 1000, settings.react_ms / 1000)
     return sim.run(trace)
 
 
