@@ -129,16 +129,17 @@ def test_a_one_off_model_gives_its_room_back_without_waiting_for_the_next_plan(
     budget = slots_budget_mb(load_fleet(tiny_fleet), 2)  # two of the three models, never all three
     client = redis.Redis.from_url(redis_url)
     # A ten-minute interval: after the plan at start-up, only the re-plan after a visit can bring a model back.
+    # A long horizon over short buckets: a few seconds of traffic make the busy models' forecasts clear.
     with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", "--memory-mb", str(budget),
-                 "--set=scheduler.policy=forecast", "--set=scheduler.interval_ms=600000", *TIME_SCALED):
-        for n in range(8):  # arith and sort busy for a few seconds
+                 "--set=scheduler.policy=forecast", "--set=scheduler.interval_ms=600000", *TIME_SCALED,
+                 "--set=scheduler.bucket_s=1", "--set=scheduler.horizon_s=30"):
+        for n in range(20):  # arith and sort busy, round after round: their forecasts dwarf a one-off's
             ids = set()
             for model in ("arith", "sort"):
                 ids.add(qid := f"busy-{model}-{n}")
                 send(client, prefix, prompt=f"{n}+{n}=", id=qid, model=model, max_new_tokens="4")
             got = collect(client, f"{prefix}replies", ids, timeout_s=120)
             assert all(got[q][0]["status"] == "ok" for q in ids), got
-            time.sleep(0.3)
         send(client, prefix, prompt="1+1=", id="one-off", model="generalist", max_new_tokens="4")
         got = collect(client, f"{prefix}replies", {"one-off"}, timeout_s=120)
         assert got["one-off"][0]["status"] == "ok" and got["one-off"][0]["model"] == "generalist"
@@ -153,6 +154,7 @@ def test_a_one_off_model_gives_its_room_back_without_waiting_for_the_next_plan(
             time.sleep(0.2)
     assert loads and displaced, commands
     assert displaced[-1] in ("arith", "sort"), commands
-    # The model the one-off request pushed out came back by the plan (a prefetch), with no request for it.
+    # The model the one-off request pushed out came back by the plan (a prefetch), with no request for it,
+    # in the generalist's place.
     assert back and back[0][2].startswith("prefetch"), commands
     assert ("evict", "generalist") in [c[:2] for c in commands[loads[-1]:]], commands
