@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
 import re
@@ -127,6 +128,7 @@ class ProcessRuntime:
         self._serving = True
         for consumer in self._consumers:
             self._launch(consumer)
+        _freeze_startup_heap()
         log.info("%s %s ready", self.role, self.instance)
         if on_ready is not None:
             on_ready()
@@ -165,6 +167,17 @@ class ProcessRuntime:
         if self.stopping.is_set():  # second signal: leave at once
             os._exit(130)
         self.stopping.set()
+
+
+def _freeze_startup_heap() -> None:
+    """Take what start-up allocated out of the cyclic GC's reach (``gc.freeze``).
+
+    Full collections then scan only what was allocated since: with the models, profiles and libraries
+    of start-up in the scan, they paused the event loop for tens of ms (route_ms p99 at 200 queries/s:
+    a median of 32 ms over six runs of ``calm bench overhead``, 8 ms with the freeze).
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def _client_name(name: str) -> str:
