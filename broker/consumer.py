@@ -53,6 +53,28 @@ async def ensure_group(client: aioredis.Redis, stream: str, group: str, start: s
             raise
 
 
+async def wake_readers(client: aioredis.Redis, consumers: Sequence[StreamConsumer]) -> None:
+    """End the consumers' blocked reads now (``CLIENT UNBLOCK``: each returns empty and delivers nothing).
+
+    After :meth:`StreamConsumer.stop`, a consumer then ends at once instead of when its read times out
+    (up to ``block_ms``). One ``CLIENT LIST`` finds every reader by its client name, one pipeline
+    unblocks them. Best effort: where the server refuses ``CLIENT`` commands, reads time out as before.
+    """
+    names = {c.reader_name for c in consumers if c.reader_name is not None}
+    if not names:
+        return
+    try:
+        clients: Any = await client.client_list()
+        ids = [int(found["id"]) for found in clients if as_text(found.get("name", "")) in names]
+        if ids:
+            pipe = client.pipeline(transaction=False)
+            for client_id in ids:
+                pipe.client_unblock(client_id)
+            await pipe.execute()
+    except (ResponseError, RedisConnectionError, RedisTimeoutError, OSError) as e:
+        log.debug("could not wake %d stream readers: %s", len(names), e)
+
+
 class StreamConsumer:
     """Reads one stream as one consumer of a group and applies a handler's effects with the ack."""
 
@@ -85,7 +107,7 @@ class StreamConsumer:
         self._batch = batch or settings.batch
         self._block_ms = block_ms or settings.block_ms
         self._trim_acked = trim_acked and settings.retain_acked_s > 0
-        self._reader_name = reader_name  # the reader's CLIENT SETNAME: how `wake` finds its blocked read
+        self.reader_name = reader_name  # the reader's CLIENT SETNAME: how `wake_readers` finds its blocked read
         self._stop = asyncio.Event()
         self._reclaimed: asyncio.Queue[list[Entry]] = asyncio.Queue()
         self.processed = 0
@@ -95,20 +117,8 @@ class StreamConsumer:
         self._stop.set()
 
     async def wake(self) -> None:
-        """End a blocked read now (``CLIENT UNBLOCK``: it returns empty and delivers nothing).
-
-        After :meth:`stop`, the consumer then ends at once instead of when its read times out (up to
-        ``block_ms``). Best effort: where the server refuses ``CLIENT`` commands, the read times out as before.
-        """
-        if self._reader_name is None:
-            return
-        try:
-            clients: Any = await self.writer.client_list()
-            for found in clients:
-                if as_text(found.get("name", "")) == self._reader_name:
-                    await self.writer.client_unblock(int(found["id"]))
-        except (ResponseError, RedisConnectionError, RedisTimeoutError, OSError) as e:
-            log.debug("%s: could not wake the reader of %s: %s", self.spec.actor, self.spec.stream, e)
+        """End this consumer's blocked read now: :func:`wake_readers` for one consumer."""
+        await wake_readers(self.writer, [self])
 
     async def run(self) -> None:
         """Read and handle until :meth:`stop`; survive connection drops with backoff."""

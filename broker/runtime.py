@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.connection import client as make_client
-from broker.consumer import ConsumerSpec, StreamConsumer
+from broker.consumer import ConsumerSpec, StreamConsumer, wake_readers
 from broker.kb import KnowledgeBase
 from broker.names import Names
 
@@ -135,7 +135,7 @@ class ProcessRuntime:
         await self.stopping.wait()
         for consumer in self._consumers:
             consumer.stop()
-        await asyncio.gather(*(consumer.wake() for consumer in self._consumers))
+        await wake_readers(self.client, self._consumers)
         runs = list(self._runs.values())
         if runs:
             _, late = await asyncio.wait(runs, timeout=DRAIN_TIMEOUT_S)
