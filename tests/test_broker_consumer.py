@@ -6,10 +6,11 @@ import asyncio
 import contextlib
 import uuid
 
+import pytest
 import redis.asyncio as aioredis
 
 from broker.config import Settings
-from broker.consumer import ConsumerSpec, StreamConsumer
+from broker.consumer import ConsumerSpec, StreamConsumer, wake_readers
 from broker.effects import Effects, Entry
 from broker.errors import DecodeError
 from broker.names import Names
@@ -161,42 +162,52 @@ async def test_a_commit_survives_a_server_that_lost_its_scripts(aclient: aioredi
     assert flushed, "the first commit ran against a server without the script"
 
 
-async def test_wake_ends_a_blocked_read_at_once_and_delivers_nothing(
-    aclient: aioredis.Redis, redis_url: str, names: Names, settings: Settings
+@pytest.mark.parametrize("count", [1, 3])
+async def test_wake_ends_blocked_reads_at_once_and_delivers_nothing(
+    aclient: aioredis.Redis, redis_url: str, names: Names, settings: Settings, count: int
 ) -> None:
     from broker.connection import client as make_client
 
-    stream = f"{names.prefix}wake"
-    name = f"calm-test-wake-{uuid.uuid4().hex[:8]}"
-    reader = make_client(redis_url, settings.redis, blocking=True, name=name)
     handled: list[str] = []
 
     async def handler(entry: Entry) -> Effects:
         handled.append(entry.id)
         return Effects()
 
-    spec = ConsumerSpec(stream=stream, group="g", consumer="c1", actor="test")
-    # A read that blocks for ten minutes: only the wake can end the consumer within the guard below.
-    consumer = StreamConsumer(reader, aclient, spec, names, settings.streams, handler=handler, block_ms=600_000,
-                              reader_name=name)
-    task = asyncio.create_task(consumer.run())
+    consumers, readers, tasks, streams = [], [], [], []
+    for i in range(count):
+        streams.append(stream := f"{names.prefix}wake{i}")
+        name = f"calm-test-wake-{uuid.uuid4().hex[:8]}"
+        readers.append(reader := make_client(redis_url, settings.redis, blocking=True, name=name))
+        spec = ConsumerSpec(stream=stream, group="g", consumer="c1", actor="test")
+        # Reads that block for ten minutes: only the wake can end the consumers within the guard below.
+        consumers.append(consumer := StreamConsumer(reader, aclient, spec, names, settings.streams, handler=handler,
+                                                    block_ms=600_000, reader_name=name))
+        tasks.append(asyncio.create_task(consumer.run()))
+    wanted = {c.reader_name for c in consumers}
     try:
-        for _ in range(200):  # until the reader is blocked in its XREADGROUP
+        for _ in range(200):  # until every reader is blocked in its XREADGROUP
             clients = await aclient.client_list()
-            if any(c.get("name") == name and "xreadgroup" in str(c.get("cmd", "")) for c in clients):
+            if wanted <= {c.get("name") for c in clients if "xreadgroup" in str(c.get("cmd", ""))}:
                 break
             await asyncio.sleep(0.05)
         else:
-            raise AssertionError(f"the reader never blocked: {clients}")
-        consumer.stop()
-        await consumer.wake()
-        await asyncio.wait_for(task, timeout=60)  # a guard against a hang, not a measurement
-        await aclient.xadd(stream, {"after": "stop"})
-        groups = await aclient.xinfo_groups(stream)
+            raise AssertionError(f"the readers never blocked: {clients}")
+        for consumer in consumers:
+            consumer.stop()
+        if count == 1:
+            await consumers[0].wake()
+        else:
+            await wake_readers(aclient, consumers)  # all at once, as a process's shutdown does
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=60)  # a guard against a hang, not a measurement
+        for stream in streams:
+            await aclient.xadd(stream, {"after": "stop"})
+            groups = await aclient.xinfo_groups(stream)
+            assert [(g["pending"], g["lag"]) for g in groups] == [(0, 1)]  # nothing delivered to a stopped consumer
         assert handled == []
-        assert [(g["pending"], g["lag"]) for g in groups] == [(0, 1)]  # nothing was delivered to the stopped consumer
     finally:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-        await reader.aclose()
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for reader in readers:
+            await reader.aclose()
