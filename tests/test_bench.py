@@ -67,4 +67,7 @@ def test_bench_overhead_reports_the_contract_keys(tiny_fleet: Path, redis_url: s
     keys = {"route_ms_p50_at_200qps", "route_ms_p99_at_200qps", "cache_hit_qps_max", "broker_hop_ms_p50"}
     assert keys <= set(report["overhead"])
     assert report["burst"]["answered"] == 200
+    saturated = report["burst"]["saturated_qps"]
+    assert saturated is not None and saturated > 0
+    assert report["overhead"]["cache_hit_qps_max"] == saturated
     assert all(r["answered"] == r["sent"] and r["cached"] == r["sent"] for r in report["rates"])
