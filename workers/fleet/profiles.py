@@ -135,8 +135,9 @@ def demo() -> FleetRecipe:
     specialists together cost less than half of the baseline's training (parameters × tokens), and each
     spends its share on its own domain: arithmetic 2,500 steps and sorting 2,000 where the baseline
     takes 1,000 each, code 2,400 steps on a wider model (width 192) where the baseline takes 1,800;
-    prose 1,800 steps on both sides, also at width 192 (at width 128 its held-out chrF was 21.5 against
-    the baseline's 23.7; at 192 and lr 4e-3, 23.8). The baseline's training (5,600 steps) is most of the build, so the
+    prose 1,800 steps on both sides, also at width 192 (2026-11-29, one machine: at width 128 its held-out
+    chrF was 21.5 against the baseline's 23.7, at 192 and lr 4e-3 23.8; 2026-11-30, another CPU: 22.3
+    against 21.7). The baseline's training (5,600 steps) is most of the build, so the
     builder trains one model at a time on every thread (specialists first): about two hours on 2 cores.
 
     Arithmetic trains at half the pair models' learning rate: at 3e-3 its training is unstable (held-out
