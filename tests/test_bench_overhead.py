@@ -4,12 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from calm.bench.overhead import entry_ms, saturated_rate
-
-
-def test_entry_ms_reads_the_server_time_of_an_entry_id() -> None:
-    assert entry_ms(b"1796007264491-3") == 1796007264491.0
-    assert entry_ms("5-0") == 5.0
+from calm.bench.overhead import saturated_rate
 
 
 def test_saturated_rate_spans_first_to_last_reply() -> None:

@@ -19,6 +19,7 @@ import redis.asyncio as aioredis
 
 from broker.config import Settings
 from broker.connection import client as make_client
+from broker.ingress import entry_ms
 from broker.names import Names
 from calm.bench.live import drop_keys
 from calm.client import ReplyCollector
@@ -107,15 +108,9 @@ async def burst(client: aioredis.Redis, names: Names, n: int) -> dict[str, Any]:
     replies = await collector.wait_for(ids, timeout_s=120)
     elapsed = time.monotonic() - started
     await collector.close()
-    arrived = {qid: entry_ms(entry_id) for qid, entry_id in zip(ids, entry_ids, strict=True)}
+    arrived = {qid: entry_ms(e.decode() if isinstance(e, bytes) else e) for qid, e in zip(ids, entry_ids, strict=True)}
     return {"queries": n, "answered": len(replies), "seconds": round(elapsed, 3),
             "qps": round(len(replies) / elapsed, 1), "saturated_qps": saturated_rate(arrived, replies)}
-
-
-def entry_ms(entry_id: bytes | str) -> float:
-    """The server time (ms) in a stream entry id."""
-    raw = entry_id.decode() if isinstance(entry_id, bytes) else entry_id
-    return float(raw.partition("-")[0])
 
 
 def saturated_rate(arrived_ms: dict[str, float], replies: dict[str, dict[str, str]]) -> float | None:
