@@ -21,6 +21,7 @@ from broker.config import Settings
 from broker.connection import client as make_client
 from broker.ingress import entry_ms
 from broker.names import Names
+from broker.retention import as_text
 from calm.bench.live import drop_keys
 from calm.client import ReplyCollector
 from calm.report import machine_info, percentile
@@ -108,7 +109,7 @@ async def burst(client: aioredis.Redis, names: Names, n: int) -> dict[str, Any]:
     replies = await collector.wait_for(ids, timeout_s=120)
     elapsed = time.monotonic() - started
     await collector.close()
-    arrived = {qid: entry_ms(e.decode() if isinstance(e, bytes) else e) for qid, e in zip(ids, entry_ids, strict=True)}
+    arrived = {qid: entry_ms(as_text(e)) for qid, e in zip(ids, entry_ids, strict=True)}
     return {"queries": n, "answered": len(replies), "seconds": round(elapsed, 3),
             "qps": round(len(replies) / elapsed, 1), "saturated_qps": saturated_rate(arrived, replies)}
 
