@@ -1,4 +1,7 @@
-"""Operator fusion of exported decoders: fewer nodes, the same greedy tokens, or the original kept."""
+"""Operator fusion of exported decoders: fewer nodes, the same greedy tokens, or the original kept.
+
+The GroupQueryAttention rebuild comes first, the optimizer's fusion when it does not match, the
+original graph when neither does."""
 
 from __future__ import annotations
 
@@ -13,8 +16,7 @@ pytestmark = pytest.mark.slow
 PROMPTS = ("12+7=", "sort 3 1 2 =", "def f(x):", "3+4=", "sort 9 8 =")
 
 
-@pytest.fixture(scope="module")
-def unfused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def _export(root: Path, hidden: int, heads: int) -> Path:
     """A freshly exported (unfused) decoder: a small Llama with random weights, as the builder exports it."""
     pytest.importorskip("torch")
     from workers.fleet.export import export_causal_lm
@@ -22,13 +24,25 @@ def unfused(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from workers.fleet.tokenizer import EOS, train_tokenizer
     from workers.fleet.train import build_model, save_checkpoint
 
-    root = tmp_path_factory.mktemp("fuse")
     tok = train_tokenizer(["12+7=19", "sort 3 1 2 = 1 2 3", "def f(x):\n    return x"] * 40, 300)
     recipe = ModelRecipe(name="x", description="", examples=(), plan=(DomainPlan("arithmetic", 1, 1, 8),),
-                         hidden=32, layers=2, heads=2, intermediate=64, lr=1e-3, seed=3, max_positions=64)
+                         hidden=hidden, layers=2, heads=heads, intermediate=2 * hidden, lr=1e-3, seed=3,
+                         max_positions=64)
     save_checkpoint(build_model(recipe, tok.get_vocab_size(), tok.token_to_id(EOS)), tok, root / "ckpt", 64)
     export_causal_lm(root / "ckpt", root / "model")
     return root / "model"
+
+
+@pytest.fixture(scope="module")
+def unfused(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers, 2 heads of 16."""
+    return _export(tmp_path_factory.mktemp("fuse"), hidden=32, heads=2)
+
+
+@pytest.fixture(scope="module")
+def odd_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2 layers, 2 heads of 24: onnxruntime's GroupQueryAttention takes multiples of 16 only."""
+    return _export(tmp_path_factory.mktemp("fuse-odd"), hidden=48, heads=2)
 
 
 def _ops(path: Path) -> Counter[str]:
@@ -58,8 +72,9 @@ def test_a_fused_decoder_has_fewer_nodes_and_the_same_greedy_tokens(unfused: Pat
     assert fuse_decoder(model, PROMPTS[:3], EOS)
     after = _ops(model / "model.onnx")
     assert is_fused(model / "model.onnx")
-    assert after["RotaryEmbedding"] == 2 * 2 and after["SkipSimplifiedLayerNormalization"] > 0  # 2 layers: q and k
-    assert sum(after.values()) < sum(before.values())
+    assert after["GroupQueryAttention"] == 2 and after["SkipSimplifiedLayerNormalization"] == 2 * 2  # 2 layers
+    assert after["RotaryEmbedding"] == 0 and after["Transpose"] == 0  # rotary and head layout inside the op
+    assert sum(after.values()) * 5 < sum(before.values())
     assert _greedy(model) == expected  # also on prompts that were not probes
     caches = [t for t in onnx.load(str(model / "model.onnx")).graph.initializer if t.name in ROTARY_CACHES]
     assert len(caches) == 2 and all(t.dims[0] == 64 for t in caches)  # cut to the model's 64 positions
@@ -68,6 +83,81 @@ def test_a_fused_decoder_has_fewer_nodes_and_the_same_greedy_tokens(unfused: Pat
     reference = OnnxCausalLM.load(unfused, name="x", eos_token=EOS)
     for prompt in PROMPTS:
         assert engine.generate(prompt, max_new_tokens=12).text == reference.generate(prompt, max_new_tokens=12).text
+
+
+def test_heads_of_a_size_the_kernel_does_not_take_are_padded(odd_heads: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from workers.engine import OnnxCausalLM
+    from workers.fleet.fuse import fuse_decoder
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(odd_heads, tmp_path / "model")
+    expected = _greedy(model)
+    assert fuse_decoder(model, PROMPTS[:3], EOS)
+    assert _ops(model / "model.onnx")["GroupQueryAttention"] == 2
+    past = next(i for i in onnx.load(str(model / "model.onnx")).graph.input if i.name.startswith("past_key_values"))
+    assert past.type.tensor_type.shape.dim[3].dim_value == 32  # 24 padded with zeros to 32
+    assert _greedy(model) == expected
+    engine = OnnxCausalLM.load(model, name="x", eos_token=EOS)
+    reference = OnnxCausalLM.load(odd_heads, name="x", eos_token=EOS)
+    for prompt in PROMPTS:
+        assert engine.generate(prompt, max_new_tokens=12).text == reference.generate(prompt, max_new_tokens=12).text
+
+
+def test_the_optimizer_fusion_stands_in_when_the_rebuild_answers_differently(
+        unfused: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.fleet import fuse
+    from workers.fleet.tokenizer import EOS
+
+    monkeypatch.setattr(fuse, "_gqa_graph", _shifted_embedding(fuse._gqa_graph))
+    model = shutil.copytree(unfused, tmp_path / "model")
+    expected = _greedy(model)
+    assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    after = _ops(model / "model.onnx")
+    assert after["GroupQueryAttention"] == 0 and after["RotaryEmbedding"] == 2 * 2  # 2 layers: q and k
+    assert fuse.is_fused(model / "model.onnx")
+    assert _greedy(model) == expected
+
+
+def test_a_graph_fused_by_the_first_version_is_rebuilt_from_itself(unfused: Path, tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    from workers.fleet import fuse
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(unfused, tmp_path / "model")
+    expected = _greedy(model)
+    with monkeypatch.context() as m:  # as version 1 fused it: the optimizer only
+        m.setattr(fuse, "FUSED_VERSION", "1")
+        m.setattr(fuse, "_gqa_graph", _not_readable)
+        assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    assert fuse.fused_version(model / "model.onnx") == "1" and not fuse.is_fused(model / "model.onnx")
+    assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    assert fuse.fused_version(model / "model.onnx") == fuse.FUSED_VERSION
+    assert _ops(model / "model.onnx")["GroupQueryAttention"] == 2
+    assert _greedy(model) == expected
+
+
+def _not_readable(onnx_path: Path, config: dict[str, object]) -> object:
+    raise ValueError("not a graph this rewrite reads")
+
+
+def _shifted_embedding(build):  # type: ignore[no-untyped-def]
+    """``build`` with a bug: the (tied) token embedding's rows shifted by one."""
+    import numpy as np
+    from onnx import numpy_helper
+
+    def broken(onnx_path: Path, config: dict[str, object]):  # type: ignore[no-untyped-def]
+        model = build(onnx_path, config)
+        vocab = int(config["vocab_size"])  # type: ignore[call-overload]
+        for tensor in model.graph.initializer:
+            for axis, size in enumerate(tensor.dims):
+                if size == vocab:
+                    shifted = np.roll(numpy_helper.to_array(tensor), 1, axis=axis)
+                    tensor.CopyFrom(numpy_helper.from_array(shifted, tensor.name))
+        return model
+
+    return broken
 
 
 def test_fusing_twice_changes_nothing(unfused: Path, tmp_path: Path) -> None:
@@ -83,24 +173,11 @@ def test_fusing_twice_changes_nothing(unfused: Path, tmp_path: Path) -> None:
 
 def test_a_fused_graph_that_answers_differently_is_not_kept(unfused: Path, tmp_path: Path,
                                                            monkeypatch: pytest.MonkeyPatch) -> None:
-    import numpy as np
-    from onnx import numpy_helper
-
     from workers.fleet import fuse
     from workers.fleet.tokenizer import EOS
 
-    real = fuse._fused_graph
-
-    def broken(onnx_path: Path, config: dict[str, object]):  # type: ignore[no-untyped-def]
-        model = real(onnx_path, config)
-        vocab = int(config["vocab_size"])  # type: ignore[call-overload]
-        for tensor in model.graph.initializer:  # a fusion bug: the (tied) token embedding's rows shifted by one
-            if tensor.dims and tensor.dims[0] == vocab:
-                tensor.CopyFrom(numpy_helper.from_array(np.roll(numpy_helper.to_array(tensor), 1, axis=0),
-                                                        tensor.name))
-        return model
-
-    monkeypatch.setattr(fuse, "_fused_graph", broken)
+    monkeypatch.setattr(fuse, "_gqa_graph", _shifted_embedding(fuse._gqa_graph))
+    monkeypatch.setattr(fuse, "_fused_graph", _shifted_embedding(fuse._fused_graph))
     model = shutil.copytree(unfused, tmp_path / "model")
     original = (model / "model.onnx").read_bytes()
     assert not fuse.fuse_decoder(model, PROMPTS, EOS)
@@ -140,3 +217,16 @@ def test_without_the_build_extra_a_cached_fleet_is_served_unfused(tiny_fleet: Pa
     build_module.refresh_graphs(fleet, PROFILES["tiny"])
     assert {p: p.read_bytes() for p in (fleet / "models").glob("*/model.onnx")} == before
     assert not (fleet / build_module.GRAPHS_STAMP).exists()  # fused later, once the extra is there
+
+
+def test_only_plain_llama_configs_are_rebuilt() -> None:
+    from workers.fleet.gqa_graph import llama_shape
+
+    base = {"model_type": "llama", "num_attention_heads": 4, "hidden_size": 128, "num_hidden_layers": 2,
+            "max_position_embeddings": 64}
+    shape = llama_shape(base)
+    assert (shape.head_dim, shape.kv_heads, shape.rms_eps, shape.rope_theta) == (32, 4, 1e-6, 10000.0)
+    with pytest.raises(ValueError, match="not a Llama"):
+        llama_shape({**base, "model_type": "gpt2"})
+    with pytest.raises(ValueError, match="rope scaling"):
+        llama_shape({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})

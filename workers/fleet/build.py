@@ -156,7 +156,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     for m in recipe.models:
         write_exemplars(root / "models" / m.name / EXEMPLARS_FILE, m.domains, recipe.data, recipe.exemplars_per_model)
     (root / EXEMPLARS_STAMP).write_text(_exemplars_key(recipe))
-    (root / GRAPHS_STAMP).write_text(FUSED_VERSION)  # the jobs fused their graphs (cached models were fused too)
+    # no GRAPHS_STAMP: models restored from the model cache may hold an older version's graphs, which
+    # build_fleet's refresh_graphs rewrites next (the jobs' own graphs are current: nothing to do)
     cards = tuple(_card(m, root / "models" / m.name, outcomes[m.name], digest) for m in recipe.models)
     fleet = Fleet(
         root=root,

@@ -1,12 +1,18 @@
 """Operator fusion of exported decoders: the same model in fewer, larger ONNX nodes.
 
 A small decoder's step is mostly per-node overhead (a 0.7 M-parameter model: 326 nodes after
-onnxruntime's own optimisations, ~0.5-0.8 ms a step on a 2-core machine). onnxruntime's transformer
-optimizer fuses RMSNorm with its residual add and the rotary embeddings into contrib ops
-(``SkipSimplifiedLayerNormalization``, ``RotaryEmbedding``; CPU and CUDA kernels): 0.79-0.84 × the CPU
-time per continuation on the demo's specialists, 0.86-0.88 on its generalist's shape (2026-11-29).
-The fused graph replaces the export only when greedy continuations of the probe prompts are token
-for token the unfused graph's.
+onnxruntime's own optimisations, ~0.5-0.8 ms a step on a 2-core machine). Two rewrites, tried in turn:
+
+1. ``workers.fleet.gqa_graph`` rebuilds a Llama export around ``GroupQueryAttention`` (~11 nodes a
+   layer): 0.63 × the CPU time per token of rewrite 2 on a 0.7 M model, 0.71 × on 1.6 M, 0.77-0.80 ×
+   on the demo generalist's shape (random weights, 2026-11-30, one 2-core machine);
+2. onnxruntime's transformer optimizer fuses RMSNorm with its residual add and the rotary embeddings
+   into contrib ops (``SkipSimplifiedLayerNormalization``, ``RotaryEmbedding``): 0.79-0.84 × the
+   export's CPU time per continuation on the demo's specialists, 0.86-0.88 on its generalist's shape.
+
+A rewritten graph replaces the current one only when greedy continuations of the probe prompts are
+token for token the current graph's; a graph fused by an older version of this module is rewritten
+again from itself (the weights are read from the graph; no checkpoint is needed).
 
 Build-time only: needs ``onnx`` (the ``build`` extra).
 """
@@ -31,7 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSED_KEY = "calm.fused"  # metadata_props entry of a graph this module fused
-FUSED_VERSION = "1"
+FUSED_VERSION = "2"  # 1: optimizer fusion only; 2: GroupQueryAttention rebuild first
 PROBE_TOKENS = 24  # greedy tokens compared per probe prompt
 PROBES_PER_DOMAIN = 16  # held-out prompts per domain among the probes
 ROTARY_CACHES = ("cos_cache", "sin_cache")
@@ -55,19 +61,25 @@ def probe_prompts(examples: Sequence[str], eval_sets: Sequence[Path]) -> list[st
     return probes
 
 
-def is_fused(onnx_path: Path) -> bool:
-    """Whether ``onnx_path`` is a graph this module fused (read from its metadata, weights not loaded)."""
+def fused_version(onnx_path: Path) -> str | None:
+    """The version of this module that fused ``onnx_path`` (None: not fused; read from its metadata)."""
     import onnx
 
     model = onnx.load(str(onnx_path), load_external_data=False)
-    return any(p.key == FUSED_KEY for p in model.metadata_props)
+    return next((p.value for p in model.metadata_props if p.key == FUSED_KEY), None)
+
+
+def is_fused(onnx_path: Path) -> bool:
+    """Whether ``onnx_path`` is a graph the current version of this module fused."""
+    return fused_version(onnx_path) == FUSED_VERSION
 
 
 def fuse_decoder(model_dir: Path, probes: Sequence[str], eos_token: str) -> bool:
-    """Fuse ``model_dir/model.onnx`` in place; True when the directory now holds a fused graph.
+    """Rewrite ``model_dir/model.onnx`` in place; True when the directory now holds a current fused graph.
 
-    The fused graph is kept only when it continues every probe exactly as the original does (greedy,
-    ``PROBE_TOKENS`` tokens); otherwise the original stays and a warning says why.
+    The GroupQueryAttention rebuild is tried first, then the optimizer's fusion; the first candidate
+    that continues every probe exactly as the current graph does (greedy, ``PROBE_TOKENS`` tokens)
+    replaces it. When none does, the graph stays and a warning says why.
     """
     import onnx
 
@@ -78,17 +90,45 @@ def fuse_decoder(model_dir: Path, probes: Sequence[str], eos_token: str) -> bool
     if not probes:
         raise ValueError(f"{model_dir}: no probe prompts to check the fused graph against")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    with tempfile.TemporaryDirectory(prefix=".fuse-", dir=model_dir) as tmp:
-        candidate = Path(tmp)
-        for name in ("tokenizer.json", "config.json"):
-            shutil.copy2(model_dir / name, candidate / name)
-        onnx.save(_fused_graph(onnx_path, config), str(candidate / MODEL_FILE))
-        mismatch = _first_mismatch(model_dir, candidate, probes, eos_token)
-        if mismatch is not None:
-            log.warning("%s: fused graph continues %r differently; keeping the unfused graph", model_dir, mismatch)
-            return False
-        (candidate / MODEL_FILE).replace(onnx_path)
-    return True
+    for kind, build in (("GroupQueryAttention", _gqa_graph), ("optimizer", _fused_graph)):
+        try:
+            graph = build(onnx_path, config)
+        except ValueError as e:  # not a graph this rewrite reads (another architecture, rope scaling)
+            log.info("%s: no %s graph: %s", model_dir, kind, e)
+            continue
+        with tempfile.TemporaryDirectory(prefix=".fuse-", dir=model_dir) as tmp:
+            candidate = Path(tmp)
+            for name in ("tokenizer.json", "config.json"):
+                shutil.copy2(model_dir / name, candidate / name)
+            onnx.save(graph, str(candidate / MODEL_FILE))
+            mismatch = _first_mismatch(model_dir, candidate, probes, eos_token)
+            if mismatch is None:
+                (candidate / MODEL_FILE).replace(onnx_path)
+                log.info("%s: decoder rewritten (%s, %d nodes)", model_dir, kind, len(graph.graph.node))
+                return True
+        log.warning("%s: the %s graph continues %r differently; not used", model_dir, kind, mismatch)
+    return False
+
+
+def _gqa_graph(onnx_path: Path, config: dict[str, Any]) -> onnx.ModelProto:
+    """The decoder rebuilt around GroupQueryAttention from the weights in ``onnx_path``, marked as fused."""
+    import onnx
+
+    from workers.fleet.gqa_graph import gqa_decoder, llama_shape, llama_weights
+
+    shape = llama_shape(config)
+    model = gqa_decoder(llama_weights(onnx.load(str(onnx_path)), shape), shape)
+    _mark(model)
+    return model
+
+
+def _mark(model: onnx.ModelProto) -> None:
+    """Stamp ``model`` with this module's version (replacing an older version's stamp)."""
+    kept = [p for p in model.metadata_props if p.key != FUSED_KEY]
+    del model.metadata_props[:]
+    model.metadata_props.extend(kept)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = FUSED_KEY, FUSED_VERSION
 
 
 def _fused_graph(onnx_path: Path, config: dict[str, Any]) -> onnx.ModelProto:
@@ -110,8 +150,7 @@ def _fused_graph(onnx_path: Path, config: dict[str, Any]) -> onnx.ModelProto:
     for tensor in model.graph.initializer:  # the optimizer sizes them for 131,072 positions: 16 MB of zeros' worth
         if tensor.name in ROTARY_CACHES and isinstance(positions, int) and tensor.dims[0] > positions:
             tensor.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(tensor)[:positions], tensor.name))
-    entry = model.metadata_props.add()
-    entry.key, entry.value = FUSED_KEY, FUSED_VERSION
+    _mark(model)
     return model
 
 

@@ -2,9 +2,11 @@
 only that model.
 
 A model's key is what its files depend on: its recipe less the card text, the data recipe, its
-tokenizer (domains and vocabulary size), the builder and Python versions and the graph-fusion
-version. The cache sits beside the fleet cache (``<cache dir>/models/<name>-<key>``), each entry the
-model's directory plus the measured facts of its build (``outcome.json``).
+tokenizer (domains and vocabulary size) and the builder and Python versions. Graph rewrites after
+training (``workers.fleet.fuse``) are not in it: a restored model's graph may be an older version's,
+and the fleet's ``refresh_graphs`` rewrites it from itself. The cache sits beside the fleet cache
+(``<cache dir>/models/<name>-<key>``), each entry the model's directory plus the measured facts of its
+build (``outcome.json``).
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import logging
 import shutil
 from pathlib import Path
 
-from workers.fleet.fuse import FUSED_VERSION
 from workers.fleet.jobs import ModelOutcome
 from workers.fleet.recipes import FleetRecipe, ModelRecipe, build_versions
 from workers.fleet.staging import staged_dir
@@ -26,13 +27,14 @@ log = logging.getLogger(__name__)
 MODELS_DIR = "models"
 OUTCOME_FILE = "outcome.json"
 CARD_FIELDS = frozenset({"description", "examples"})  # card text: not what is trained
+KEY_GRAPHS = "1"  # was the fusion version; kept fixed so that keys of models built since stay valid
 
 
 def model_key(recipe: FleetRecipe, model: ModelRecipe) -> str:
     """sha256 hex of everything ``model``'s built files depend on (not its card text)."""
     doc = {
         **build_versions(),
-        "fused": FUSED_VERSION,
+        "fused": KEY_GRAPHS,
         "data": dataclasses.asdict(recipe.data),
         "tokenizer": list(recipe.tokenizer_key(model)),
         "model": {k: v for k, v in dataclasses.asdict(model).items() if k not in CARD_FIELDS},
