@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 import pytest
 
@@ -275,3 +276,16 @@ def test_no_torch_at_run_time(tiny: Tiny) -> None:
     )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=60)
+
+
+def test_greedy_choice_reports_the_softmax_probability_of_the_argmax() -> None:
+    from workers.engine import _choose
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        logits = (rng.standard_normal(1024) * rng.uniform(0.1, 20)).astype(np.float32)
+        shifted = logits.astype(np.float64) - logits.max()
+        probs = np.exp(shifted) / np.exp(shifted).sum()
+        token, prob = _choose(logits, 0.0, None)
+        assert token == int(np.argmax(logits))
+        assert prob == pytest.approx(probs[token], rel=1e-6)

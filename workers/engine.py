@@ -545,16 +545,14 @@ def _eos_ids(
 
 def _choose(logits: np.ndarray, temperature: float, rng: np.random.Generator | None) -> tuple[int, float]:
     """Pick the next token and its probability (softmax at T=1 when greedy, at T otherwise)."""
-    scores = logits.astype(np.float64)
-    if rng is None:
-        token = int(np.argmax(scores))
-    else:
-        scores = scores / temperature
+    if rng is None:  # the argmax's probability is 1 / sum(exp(logits - its logit)): no normalised vector needed
+        token = int(logits.argmax())
+        return token, float(1.0 / np.exp(logits - logits[token]).sum(dtype=np.float64))
+    scores = logits.astype(np.float64) / temperature
     scores -= scores.max()
     p = np.exp(scores)
     p /= p.sum()
-    if rng is not None:
-        token = int(rng.choice(p.shape[0], p=p))
+    token = int(rng.choice(p.shape[0], p=p))
     return token, float(p[token])
 
 
