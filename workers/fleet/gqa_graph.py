@@ -84,7 +84,7 @@ def llama_shape(config: dict[str, Any]) -> LlamaShape:
 def llama_weights(model: onnx.ModelProto, shape: LlamaShape) -> LlamaWeights:
     """Read the weights of an exported (optionally optimizer-fused) Llama decoder by its node names.
 
-    Raises ValueError when a projection, norm or the lm_head cannot be found.
+    Raises ValueError when a projection, norm or the lm_head cannot be found, or a weight is not float32.
     """
     from onnx import numpy_helper
 
@@ -111,9 +111,9 @@ def llama_weights(model: onnx.ModelProto, shape: LlamaShape) -> LlamaWeights:
     for node in graph.node:
         match = _PROJ.search(node.name)
         if match and node.op_type == "MatMul":
-            weight = constant(node.input[1])
-            if weight is not None:
-                proj[int(match.group(1))][match.group(2)] = weight
+            weight, layer = constant(node.input[1]), int(match.group(1))
+            if weight is not None and layer < shape.layers:
+                proj[layer][match.group(2)] = weight
         elif node.op_type == "SimplifiedLayerNormalization":
             norms.append(_required(constant(node.input[1]), node.name))
         elif node.op_type == "SkipSimplifiedLayerNormalization":
@@ -132,6 +132,8 @@ def llama_weights(model: onnx.ModelProto, shape: LlamaShape) -> LlamaWeights:
             f"lm_head {'found' if lm_head is not None else 'missing'}, {len(norms)} norms "
             f"(expected {2 * shape.layers + 1}), missing {missing[:3]}"
         )
+    if any(w.dtype != np.float32 for w in (embed, lm_head, *norms, *(w for d in proj for w in d.values()))):
+        raise ValueError("float32 exports only")
     return LlamaWeights(embed=embed, lm_head=lm_head, norms=tuple(norms), proj=tuple(proj))
 
 
@@ -153,8 +155,8 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{op}_{len(nodes)}", domain=domain, **attrs))
         return outputs
 
-    init("embed", weights.embed.astype(np.float32))
-    init("lm_head", weights.lm_head.astype(np.float32))
+    init("embed", weights.embed)
+    init("lm_head", weights.lm_head)
     inv_freq = 1.0 / (s.rope_theta ** (np.arange(0, s.head_dim, 2, dtype=np.float64) / s.head_dim))
     angles = np.zeros((s.max_positions, size // 2))  # padded dimensions hold zeros: any angle leaves them so
     angles[:, : s.head_dim // 2] = np.outer(np.arange(s.max_positions, dtype=np.float64), inv_freq)
@@ -181,7 +183,7 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
         q = _pad_heads(p["q"], s.heads, s.head_dim, size, rotary=True)
         k = _pad_heads(p["k"], s.kv_heads, s.head_dim, size, rotary=True)
         v = _pad_heads(p["v"], s.kv_heads, s.head_dim, size, rotary=False)
-        qkv = init(f"qkv_{i}", np.concatenate([q, k, v], axis=1).astype(np.float32))
+        qkv = init(f"qkv_{i}", np.concatenate([q, k, v], axis=1))
         o = _pad_heads(p["o"].T, s.heads, s.head_dim, size, rotary=False).T
         node("MatMul", [hidden, qkv], [f"qkv_out_{i}"])
         node("GroupQueryAttention",
