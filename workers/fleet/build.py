@@ -156,8 +156,8 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
     for m in recipe.models:
         write_exemplars(root / "models" / m.name / EXEMPLARS_FILE, m.domains, recipe.data, recipe.exemplars_per_model)
     (root / EXEMPLARS_STAMP).write_text(_exemplars_key(recipe))
-    # no GRAPHS_STAMP: models restored from the model cache may hold an older version's graphs, which
-    # build_fleet's refresh_graphs rewrites next (the jobs' own graphs are current: nothing to do)
+    _fuse_graphs(root, recipe)  # the jobs' graphs are current; restored ones may be an older version's
+    (root / GRAPHS_STAMP).write_text(FUSED_VERSION)
     cards = tuple(_card(m, root / "models" / m.name, outcomes[m.name], digest) for m in recipe.models)
     fleet = Fleet(
         root=root,
@@ -245,20 +245,21 @@ GRAPHS_STAMP = ".graphs"
 def refresh_graphs(root: Path, recipe: FleetRecipe) -> None:
     """Fuse the decoder graphs of a fleet built before the builder fused them (no retraining; each fused
     graph is checked token for token against the one it replaces, see ``workers.fleet.fuse``)."""
-    from workers.fleet.tokenizer import EOS
-
     if not _stamped(root, GRAPHS_STAMP, FUSED_VERSION) and not fusion_available():
         log.info("%s: decoder graphs left unfused (fusing needs the `build` extra's onnx package)", root)
         return
-
-    def fuse() -> None:
-        for m in recipe.models:
-            if not m.int8:
-                evals = [root / "eval" / f"{domain}.jsonl" for domain in m.domains]
-                fuse_decoder(root / "models" / m.name, probe_prompts(m.examples, evals), EOS)
-
-    if _refresh_once(root, GRAPHS_STAMP, FUSED_VERSION, fuse):
+    if _refresh_once(root, GRAPHS_STAMP, FUSED_VERSION, lambda: _fuse_graphs(root, recipe)):
         log.info("fused the decoder graphs of %s", root)
+
+
+def _fuse_graphs(root: Path, recipe: FleetRecipe) -> None:
+    """Bring every float model's graph in ``root`` to the current fusion version (current ones: a metadata read)."""
+    from workers.fleet.tokenizer import EOS
+
+    for m in recipe.models:
+        if not m.int8:
+            evals = [root / "eval" / f"{domain}.jsonl" for domain in m.domains]
+            fuse_decoder(root / "models" / m.name, probe_prompts(m.examples, evals), EOS)
 
 
 def write_exemplars(path: Path, domains: tuple[str, ...], data: DataRecipe, n: int) -> Path:

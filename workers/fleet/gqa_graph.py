@@ -42,7 +42,6 @@ class LlamaShape:
     layers: int
     heads: int
     kv_heads: int
-    hidden: int
     head_dim: int
     max_positions: int
     rms_eps: float
@@ -73,7 +72,6 @@ def llama_shape(config: dict[str, Any]) -> LlamaShape:
         layers=int(config["num_hidden_layers"]),
         heads=heads,
         kv_heads=int(config.get("num_key_value_heads") or heads),
-        hidden=hidden,
         head_dim=head_dim,
         max_positions=int(config["max_position_embeddings"]),
         rms_eps=float(config.get("rms_norm_eps", 1e-6)),
