@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 
 import numpy as np
@@ -29,18 +29,27 @@ class EmbeddingMemo:
     def __contains__(self, prompt: str) -> bool:
         return normalise(prompt) in self._vectors
 
-    async def get(self, prompts: Sequence[str]) -> list[bytes]:
+    def get(self, prompts: Sequence[str]) -> Awaitable[list[bytes]]:
         """Each prompt's float32 vector as bytes; the prompts not remembered are embedded in one batch in the
-        embedder's thread. Raises what the embedder raised (and then remembers nothing new)."""
-        missing = sorted({key for key in map(normalise, prompts) if key not in self._vectors})
-        if missing:
-            vectors = await asyncio.get_running_loop().run_in_executor(self._pool, self._embed, missing)
-            for key, vector in zip(missing, vectors, strict=True):
-                self._vectors[key] = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
-        out = []
-        for key in map(normalise, prompts):
+        embedder's thread, which starts at this call (await the result later to overlap other work with it).
+        The awaitable raises what the embedder raised (and then nothing new is remembered)."""
+        keys = [normalise(p) for p in prompts]
+        known = {key: self._vectors[key] for key in keys if key in self._vectors}
+        missing = sorted(set(keys) - set(known))
+        running = asyncio.get_running_loop().run_in_executor(self._pool, self._embed, missing) if missing else None
+        return self._collect(keys, known, missing, running)
+
+    async def _collect(self, keys: list[str], known: dict[str, bytes], missing: list[str],
+                       running: asyncio.Future[np.ndarray] | None) -> list[bytes]:
+        """The vectors of ``keys`` (those ``known`` when ``get`` was called, the ``missing`` ones when
+        ``running`` is done), every one of them made the most recently used."""
+        vectors = dict(known)
+        if running is not None:
+            for key, vector in zip(missing, await running, strict=True):
+                vectors[key] = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+        for key in keys:
+            self._vectors[key] = vectors[key]
             self._vectors.move_to_end(key)
-            out.append(self._vectors[key])
         while len(self._vectors) > self.capacity:
             self._vectors.popitem(last=False)
-        return out
+        return [vectors[key] for key in keys]

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -50,6 +50,7 @@ class Monitor:
         # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self.embeddings = EmbeddingMemo(self.embedder.embed, self._pool, EMBEDDING_CACHE)
+        self._background: set[asyncio.Future[object]] = set()  # embeddings nobody waits for (kept referenced)
         self._known_models: set[str] = set()
         self._classifier_digest = ""
         self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
@@ -83,15 +84,21 @@ class Monitor:
         valid = await self._drop_unknown_models(entries, valid, effects)
         if not valid:
             return effects
-        # Idempotency claims and exact-cache lookups for the whole batch in one round trip. (Embedding new
-        # prompts meanwhile, in the embedder's thread, measured no faster on 2 cores: 2026-11-29.)
+        # The embedder's thread starts on the prompts now, while idempotency claims and exact-cache lookups
+        # for the whole batch go out in one round trip (a duplicate's or an exact hit's prompt was seen
+        # before, so the memo answers it without the model).
+        embedding = self.embeddings.get([q.prompt for _, q in valid])
         pipe = self.rt.client.pipeline(transaction=False)
         keys = [self.cache.exact_key(query) for _, query in valid]
         for (_, query), key in zip(valid, keys, strict=True):
             self.replies.claim(pipe, query.id, query.entry_id, query.reply_to)
             if key is not None:
                 pipe.get(key)
-        results = iter(await pipe.execute())
+        try:
+            results = iter(await pipe.execute())
+        except BaseException:
+            await asyncio.gather(embedding, return_exceptions=True)  # collected, so nothing is left running
+            raise
         fresh: list[tuple[int, Query]] = []
         stamp = time.time() * 1000
         for (i, query), key in zip(valid, keys, strict=True):
@@ -107,13 +114,28 @@ class Monitor:
                 reply = claim.reply
                 effects[i].call(partial(self.replies.resend, reply_to=query.reply_to, reply=reply))
             # "wait": the first copy is in flight; its delivery also answers this reply stream.
-        if fresh:
-            vectors = await self.embeddings.get([q.prompt for _, q in fresh])
-            embedded = time.time() * 1000
-            for (i, query), vector in zip(fresh, vectors, strict=True):
-                message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp, "embedded_ms": embedded})
-                effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
+        if not fresh:  # hits and duplicates only: nobody waits for their vectors, the memo keeps them
+            self._in_background(embedding)
+            return effects
+        by_entry = dict(zip((i for i, _ in valid), await embedding, strict=True))
+        embedded = time.time() * 1000
+        for i, query in fresh:
+            vector = by_entry[i]
+            message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp, "embedded_ms": embedded})
+            effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
+
+    def _in_background(self, work: Awaitable[object]) -> None:
+        """Let ``work`` finish without waiting for it (a failure is logged: the next use embeds again)."""
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+
+        def done(finished: asyncio.Future[object]) -> None:
+            self._background.discard(finished)
+            if not finished.cancelled() and finished.exception() is not None:
+                log.warning("embedding prompts in the background failed: %s", finished.exception())
+
+        task.add_done_callback(done)
 
     @staticmethod
     def _exact_entry(raw: Any) -> bytes:

@@ -66,7 +66,10 @@ async def test_dashboard_shows_the_fleet_and_live_numbers(tiny_fleet: Path, redi
                                                   ".includes('-w1')"), "the worker in the fleet table")
                 before = await number(page, "stat-inferences")
                 first_poll = await page.evaluate("document.body.dataset.updated")
-                async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0) as client:
+                # The gateway answers within its 60 s timeout; the client gives up later, so a lost request
+                # fails this test instead of hanging it (the SDK waits 600 s by default).
+                async with openai.AsyncOpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0,
+                                              timeout=120.0) as client:
                     asks = [client.completions.create(model="calm", prompt=p, max_tokens=12)
                             for domain in ("arithmetic", "sorting") for p in prompts(tiny_fleet, domain, 6)]
                     done = await asyncio.gather(*asks)

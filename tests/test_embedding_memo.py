@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -85,3 +87,30 @@ async def test_the_memo_keeps_the_most_recently_used_prompts_only(real_embedder:
     assert "2+2=" not in memo and "1+1=" in memo and "4+4=" in memo
     with pytest.raises(ValueError, match="capacity"):
         EmbeddingMemo(CountingEmbedder(real_embedder), pool, capacity=0)
+
+
+async def test_embedding_starts_at_the_call_so_the_caller_can_overlap_work(real_embedder: SentenceEmbedder,
+                                                                          pool: ThreadPoolExecutor) -> None:
+    started = threading.Event()
+
+    class Signalling(CountingEmbedder):
+        def __call__(self, texts: Sequence[str]) -> np.ndarray:
+            started.set()
+            return super().__call__(texts)
+
+    memo = EmbeddingMemo(Signalling(real_embedder), pool, capacity=8)
+    pending = memo.get(["5+6="])
+    assert await asyncio.to_thread(started.wait, 30)  # running in the pool before anyone awaits the result
+    assert len(await pending) == 1 and "5+6=" in memo
+
+
+async def test_gets_in_flight_together_each_return_their_own_vectors(real_embedder: SentenceEmbedder,
+                                                                     pool: ThreadPoolExecutor) -> None:
+    memo = EmbeddingMemo(CountingEmbedder(real_embedder), pool, capacity=1)
+    first = memo.get(["1+2=", "3+4="])
+    second = memo.get(["3+4="])
+    a, b = await first, await second
+    assert len(a) == 2 and len(b) == 1
+    # The same prompt, embedded in two batches (int8 activations are scaled per batch: near, not equal).
+    assert float(np.frombuffer(a[1], dtype=np.float32) @ np.frombuffer(b[0], dtype=np.float32)) > 0.99
+    assert len(memo) == 1  # the capacity holds once both are collected

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from workers.fleet.data import DataRecipe, eval_items, get_domain, tokenizer_texts, write_eval_set
 from workers.fleet.fuse import FUSED_VERSION, fuse_decoder, fusion_available, probe_prompts
-from workers.fleet.jobs import ModelJob, ModelOutcome
+from workers.fleet.jobs import EmbedderJob, ModelJob, ModelOutcome
 from workers.fleet.model_cache import MODELS_DIR, ModelCache, model_key
 from workers.fleet.profiles import PROFILES
 from workers.fleet.recipes import FleetRecipe, ModelRecipe, recipe_hash
@@ -144,9 +144,9 @@ def _build_into(recipe: FleetRecipe, root: Path, progress: bool, workers: int | 
         for m in recipe.models
         if m.name not in outcomes
     ]
-    built = run_jobs(
-        jobs, root / "embedder" if recipe.with_embedder else None, recipe.embedder_int8, progress, workers
-    )
+    embedder = (EmbedderJob(root / "embedder", recipe.embedder_int8, recipe.embedder_layers)
+                if recipe.with_embedder else None)
+    built = run_jobs(jobs, embedder, progress, workers)
     if models is not None:
         for job in jobs:
             models.store(job.recipe.name, keys[job.recipe.name], job.model_dir, built[job.recipe.name])

@@ -5,12 +5,14 @@ Build-time only: imports torch/optimum lazily inside the functions.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
 import math
 import shutil
 import tempfile
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from workers.fleet.spec import DEFAULT_EOS, FLEET_FILE, MODEL_FILE, FleetError, ModelCard, add_model_card, load_fleet
@@ -141,15 +143,17 @@ def embed(onnx_path: Path, tokenizer_path: Path, sentences: Sequence[str]) -> li
     return [[float(x) for x in row] for row in pooled]
 
 
-def export_embedder(out_dir: Path, int8: bool = True) -> Path:
+def export_embedder(out_dir: Path, int8: bool = True, layers: int = 0) -> Path:
     """Export all-MiniLM-L6-v2 to `out_dir/model.onnx` + `tokenizer.json`.
 
-    With `int8`, the model is dynamically quantised and kept only when every probe sentence's
-    embedding has cosine ≥ 0.96 with the fp32 one; otherwise fp32 stays.
+    `layers` > 0 keeps only the encoder's first `layers` transformer layers (0: all six): a shallower
+    router embedder costs proportionally less per query; whether it still routes well is for
+    ``calm bench routing`` to say. With `int8`, the model is dynamically quantised and kept only when
+    every probe sentence's embedding has cosine >= 0.96 with the (equally deep) fp32 one; otherwise fp32 stays.
     """
     out_dir = Path(out_dir)
-    source = embedder_source()
-    _optimum_export(source, out_dir, "feature-extraction", library="transformers")
+    with _first_layers(embedder_source(), layers) as source:
+        _optimum_export(source, out_dir, "feature-extraction", library="transformers")
     onnx_path = out_dir / MODEL_FILE
     if int8:
         fp32 = embed(onnx_path, out_dir / "tokenizer.json", _PROBE_SENTENCES)
@@ -163,6 +167,26 @@ def export_embedder(out_dir: Path, int8: bool = True) -> Path:
             log.warning("int8 embedder cosine %.3f < %.2f; keeping fp32", worst, EMBEDDER_COSINE_MIN)
             q_path.unlink()
     return onnx_path
+
+
+@contextlib.contextmanager
+def _first_layers(source: Path, layers: int) -> Iterator[Path]:
+    """`source`, or a view of it whose config keeps only the first `layers` encoder layers (links to its
+    files, a rewritten config.json: the loader then reads the first layers' weights and skips the rest)."""
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    total = int(config.get("num_hidden_layers", 0))
+    if layers < 0:
+        raise ValueError(f"embedder layers must be >= 0, got {layers}")
+    if layers == 0 or layers >= total:
+        yield source
+        return
+    with tempfile.TemporaryDirectory(prefix="calm-embedder-") as tmp:
+        view = Path(tmp)
+        for item in source.iterdir():
+            if item.name != "config.json":
+                (view / item.name).symlink_to(item.resolve())
+        (view / "config.json").write_text(json.dumps({**config, "num_hidden_layers": layers}), encoding="utf-8")
+        yield view
 
 
 def memory_estimate_mb(onnx_path: Path) -> int:

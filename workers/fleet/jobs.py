@@ -107,12 +107,21 @@ def run_model_job(job: ModelJob) -> ModelOutcome:
     )
 
 
-def run_embedder_job(out_dir: Path, int8: bool) -> float:
-    """Export the sentence embedder into `out_dir`; returns the seconds it took."""
+@dataclass(frozen=True, slots=True)
+class EmbedderJob:
+    """Export the router's sentence embedder into `out_dir` (int8 or not, the first `layers` or all)."""
+
+    out_dir: Path
+    int8: bool = True
+    layers: int = 0
+
+
+def run_embedder_job(job: EmbedderJob) -> float:
+    """Export the sentence embedder; returns the seconds it took."""
     from workers.fleet.export import export_embedder
 
     start = time.perf_counter()
-    export_embedder(out_dir, int8=int8)
+    export_embedder(job.out_dir, int8=job.int8, layers=job.layers)
     if _QUEUE is not None:
         _QUEUE.put(("embedder", 1))
     return time.perf_counter() - start

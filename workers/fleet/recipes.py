@@ -80,6 +80,7 @@ class FleetRecipe:
     data: DataRecipe = field(default_factory=DataRecipe)
     embedder_int8: bool = True
     with_embedder: bool = True
+    embedder_layers: int = 0  # the router embedder's first N encoder layers (0: all)
     # Training-split prompts each model ships for routing. Derived data, not part of the trained
     # artefact: left out of the recipe hash and refreshed in place in a cached fleet when it changes.
     exemplars_per_model: int = 64
@@ -108,6 +109,9 @@ class FleetRecipe:
 
 
 DERIVED_FIELDS = frozenset({"exemplars_per_model"})  # recipe fields that do not change what is trained
+# Fields added after fleets were built with them, by the value that reproduces those builds: left out of the
+# hash at that value, so existing fleets keep their hash (and their cache directory).
+LATER_FIELDS = {"embedder_layers": 0}
 
 
 def build_versions() -> dict[str, str]:
@@ -119,7 +123,8 @@ def canonical_json(recipe: FleetRecipe) -> str:
     """The recipe as sorted, compact JSON, with the builder and Python versions."""
     doc = {
         **build_versions(),
-        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items() if k not in DERIVED_FIELDS},
+        "recipe": {k: v for k, v in dataclasses.asdict(recipe).items()
+                   if k not in DERIVED_FIELDS and not (k in LATER_FIELDS and LATER_FIELDS[k] == v)},
     }
     return json.dumps(doc, sort_keys=True, separators=(",", ":"))
 

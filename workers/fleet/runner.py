@@ -13,13 +13,12 @@ import os
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, wait
-from pathlib import Path
 from queue import Empty, SimpleQueue
 from typing import Any
 
 from workers.fleet import jobs as jobs_module
 from workers.fleet.data import PAIR_DOMAINS
-from workers.fleet.jobs import ModelJob, ModelOutcome, init_worker, run_embedder_job, run_model_job
+from workers.fleet.jobs import EmbedderJob, ModelJob, ModelOutcome, init_worker, run_embedder_job, run_model_job
 from workers.fleet.recipes import ModelRecipe
 
 log = logging.getLogger(__name__)
@@ -65,7 +64,7 @@ def plan_workers(costs: list[float], cpus: int) -> tuple[int, int]:
 
 
 def run_jobs(
-    jobs: list[ModelJob], embedder_dir: Path | None, embedder_int8: bool, progress: bool, workers: int | None
+    jobs: list[ModelJob], embedder: EmbedderJob | None, progress: bool, workers: int | None
 ) -> dict[str, ModelOutcome]:
     """Run every model job (and the embedder export) and return the outcomes by model name."""
     cpus = _cpus()
@@ -74,17 +73,17 @@ def run_jobs(
     else:
         n_workers, threads = plan_workers([training_cost(j.recipe) for j in jobs], cpus)
     ordered = sorted(jobs, key=lambda j: training_cost(j.recipe), reverse=n_workers > 1)
-    with _progress_bars(progress, jobs, embedder_dir is not None) as bars:
+    with _progress_bars(progress, jobs, embedder is not None) as bars:
         if n_workers == 1:
-            return _run_serial(ordered, embedder_dir, embedder_int8, bars, threads)
+            return _run_serial(ordered, embedder, bars, threads)
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         with ProcessPoolExecutor(
             max_workers=n_workers, mp_context=ctx, initializer=init_worker, initargs=(queue, threads)
         ) as pool:
             futures: dict[Future[Any], str] = {pool.submit(run_model_job, j): j.recipe.name for j in ordered}
-            if embedder_dir is not None:
-                futures[pool.submit(run_embedder_job, embedder_dir, embedder_int8)] = "embedder"
+            if embedder is not None:
+                futures[pool.submit(run_embedder_job, embedder)] = "embedder"
             pending = set(futures)
             while pending:
                 done, pending = wait(pending, timeout=0.2)
@@ -102,7 +101,7 @@ def run_jobs(
 
 
 def _run_serial(
-    jobs: list[ModelJob], embedder_dir: Path | None, embedder_int8: bool, bars: dict[str, Any], threads: int
+    jobs: list[ModelJob], embedder: EmbedderJob | None, bars: dict[str, Any], threads: int
 ) -> dict[str, ModelOutcome]:
     """Run every job in this process (`workers=1`: no child processes, so no `__main__` guard needed)."""
     queue: SimpleQueue[tuple[str, int]] = SimpleQueue()
@@ -115,8 +114,8 @@ def _run_serial(
                 outcomes[job.recipe.name] = run_model_job(job)
                 _drain(queue, bars)
                 _log_outcome(outcomes[job.recipe.name])
-            if embedder_dir is not None:
-                run_embedder_job(embedder_dir, embedder_int8)
+            if embedder is not None:
+                run_embedder_job(embedder)
                 _drain(queue, bars)
         finally:
             jobs_module.use_progress_queue(None, 1)
