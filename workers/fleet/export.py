@@ -173,10 +173,10 @@ def export_embedder(out_dir: Path, int8: bool = True, layers: int = 0) -> Path:
 def _first_layers(source: Path, layers: int) -> Iterator[Path]:
     """`source`, or a view of it whose config keeps only the first `layers` encoder layers (links to its
     files, a rewritten config.json: the loader then reads the first layers' weights and skips the rest)."""
-    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
-    total = int(config.get("num_hidden_layers", 0))
     if layers < 0:
         raise ValueError(f"embedder layers must be >= 0, got {layers}")
+    config = json.loads((source / "config.json").read_text(encoding="utf-8"))
+    total = int(config.get("num_hidden_layers", 0))
     if layers == 0 or layers >= total:
         yield source
         return

@@ -10,7 +10,9 @@ import dataclasses
 import hashlib
 import json
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 
 from workers.fleet.data import DataRecipe
 
@@ -111,7 +113,7 @@ class FleetRecipe:
 DERIVED_FIELDS = frozenset({"exemplars_per_model"})  # recipe fields that do not change what is trained
 # Fields added after fleets were built with them, by the value that reproduces those builds: left out of the
 # hash at that value, so existing fleets keep their hash (and their cache directory).
-LATER_FIELDS = {"embedder_layers": 0}
+LATER_FIELDS: Mapping[str, object] = MappingProxyType({"embedder_layers": 0})
 
 
 def build_versions() -> dict[str, str]:
