@@ -95,3 +95,28 @@ def test_a_changed_model_is_the_only_one_retrained(tmp_path: Path, monkeypatch: 
     assert b.model("arith").description == "adds two numbers (new card text)"
     assert (a.model_dir(a.model("sort")) / "model.onnx").read_bytes() != \
         (b.model_dir(b.model("sort")) / "model.onnx").read_bytes()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(1200)
+def test_a_graph_restored_from_the_cache_is_brought_to_the_current_fusion_version(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("onnx")
+    from workers.fleet import build as build_module
+    from workers.fleet import fuse as fuse_module
+
+    recipe = dataclasses.replace(PROFILES["tiny"].scaled(0.01), with_embedder=False)
+    cache = ModelCache(tmp_path / "models")
+    with monkeypatch.context() as older_builder:  # one that did not fuse: its cached graphs are as exported
+        older_builder.setattr(fuse_module, "fuse_decoder", lambda *args, **kwargs: None)
+        older_builder.setattr(build_module, "fuse_decoder", lambda *args, **kwargs: None)
+        build_module._build_into(recipe, tmp_path / "a", progress=False, workers=1, models=cache)
+    floats = [m.name for m in recipe.models if not m.int8]
+    assert floats and all(fuse_module.fused_version(tmp_path / "a" / "models" / n / "model.onnx") is None
+                          for n in floats)
+
+    build_module._build_into(recipe, tmp_path / "b", progress=False, workers=1, models=cache)
+    for name in floats:  # restored, then rewritten before the fleet was published
+        assert fuse_module.fused_version(tmp_path / "b" / "models" / name / "model.onnx") == fuse_module.FUSED_VERSION
+    assert (tmp_path / "b" / build_module.GRAPHS_STAMP).read_text() == fuse_module.FUSED_VERSION
