@@ -30,15 +30,20 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", help="TOML config file (or CALM_CONFIG)")
-    p.add_argument("--redis-url", help="Redis URL (or CALM_REDIS_URL); default: local server, else embedded")
-    p.add_argument("--prefix", help="key prefix (or CALM_PREFIX), default 'calm:'")
-    p.add_argument("--fleet", help="fleet directory (or CALM_FLEET); default: the demo fleet")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+def _common(p: argparse.ArgumentParser, *, keep_earlier: bool = False) -> None:
+    """The options every command takes. ``keep_earlier`` (on a sub-subcommand such as ``bench routing``):
+    options not given after the subcommand keep what was given before it (``calm bench --fleet X routing``)."""
+    unset: Any = argparse.SUPPRESS if keep_earlier else None
+    p.add_argument("--config", default=unset, help="TOML config file (or CALM_CONFIG)")
+    p.add_argument("--redis-url", default=unset,
+                   help="Redis URL (or CALM_REDIS_URL); default: local server, else embedded")
+    p.add_argument("--prefix", default=unset, help="key prefix (or CALM_PREFIX), default 'calm:'")
+    p.add_argument("--fleet", default=unset, help="fleet directory (or CALM_FLEET); default: the demo fleet")
+    p.add_argument("--set", action="append", default=argparse.SUPPRESS if keep_earlier else [],
+                   metavar="SECTION.FIELD=VALUE",
                    help="override any setting, e.g. --set planner.w_latency=0.5 (repeatable)")
-    p.add_argument("--log-level", help="DEBUG, INFO, WARNING ...")
-    p.add_argument("--log-json", action="store_true", default=None, help="log JSON lines")
+    p.add_argument("--log-level", default=unset, help="DEBUG, INFO, WARNING ...")
+    p.add_argument("--log-json", action="store_true", default=unset, help="log JSON lines")
 
 
 def build_parser() -> argparse.ArgumentParser:

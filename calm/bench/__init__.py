@@ -34,24 +34,24 @@ residency timeline per policy.
 """
 
 
-def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], None]) -> None:
+def register(subparsers: Any, add_common: Callable[..., None]) -> None:
     """Add ``bench`` and its subcommands to the ``calm`` parser."""
     bench = subparsers.add_parser("bench", help="benchmarks: strategies live (default), overhead, residency")
     sub = bench.add_subparsers(dest="subcommand", required=False, parser_class=type(bench))
     add_common(bench)
     _live_arguments(bench)
     live = sub.add_parser("live", help="one workload through several routing strategies on the live system")
-    add_common(live)
-    _live_arguments(live)
+    add_common(live, keep_earlier=True)
+    _live_arguments(live, keep_earlier=True)
     over = sub.add_parser("overhead", help="route_ms at rising rates, cache-hit throughput, broker hop floor")
-    add_common(over)
+    add_common(over, keep_earlier=True)
     over.add_argument("--rates", default="50,100,200,400,800", help="arrival rates to step through (q/s)")
     over.add_argument("--seconds", type=float, default=4.0, help="seconds per rate (default 4)")
     over.add_argument("--burst", type=int, default=3000, help="cache-hit queries sent at once (default 3000)")
     over.add_argument("--workers", type=int, default=1)
     over.add_argument("--out", help="report directory (default reports/overhead-<time>)")
     rout = sub.add_parser("routing", help="semantic routing accuracy on the fleet's held-out prompts (offline)")
-    add_common(rout)
+    add_common(rout, keep_earlier=True)
     rout.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
     rout.add_argument("--limit", type=int, help="at most this many prompts per domain")
     rout.add_argument("--draw", type=int, help="route this many fresh held-out prompts per domain instead of the "
@@ -60,7 +60,7 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     rout.add_argument("--json", action="store_true", help="print the results as JSON")
     res = sub.add_parser("residency", help="replay an arrival trace through every residency policy",
                          description=RESIDENCY_HELP, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(res)
+    add_common(res, keep_earlier=True)
     source = res.add_mutually_exclusive_group(required=True)
     source.add_argument("--trace", help="trace file (JSONL or CSV)")
     source.add_argument("--synthetic", choices=["steady", "phase", "periodic", "burst"],
@@ -92,16 +92,23 @@ def register(subparsers: Any, add_common: Callable[[argparse.ArgumentParser], No
     add_soak(sub, add_common)
 
 
-def _live_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--profile", default="demo", help="fleet profile to build when no --fleet is given")
-    p.add_argument("--strategies", default="single,random,round-robin,semantic,calm-nocache,calm",
+def _live_arguments(p: argparse.ArgumentParser, keep_earlier: bool = False) -> None:
+    """The live bench's options; with ``keep_earlier`` (on ``bench live``) those not given after ``live``
+    keep what was given before it."""
+
+    def default(value: Any) -> Any:
+        return argparse.SUPPRESS if keep_earlier else value
+
+    p.add_argument("--profile", default=default("demo"), help="fleet profile to build when no --fleet is given")
+    p.add_argument("--strategies", default=default("single,random,round-robin,semantic,calm-nocache,calm"),
                    help="comma-separated, run in this order on the same workload")
-    p.add_argument("--workload", default="shift", help="steady, shift (phase shifts), burst, or a trace file")
-    p.add_argument("--queries", default="medium", help="small, medium, large or a number (default medium)")
-    p.add_argument("--rate", type=float, default=3.0, help="arrivals per second, Poisson (default 3)")
-    p.add_argument("--seed", type=int, default=7)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--out", help="report directory (default reports/bench-<time>)")
+    p.add_argument("--workload", default=default("shift"),
+                   help="steady, shift (phase shifts), burst, or a trace file")
+    p.add_argument("--queries", default=default("medium"), help="small, medium, large or a number (default medium)")
+    p.add_argument("--rate", type=float, default=default(3.0), help="arrivals per second, Poisson (default 3)")
+    p.add_argument("--seed", type=int, default=default(7))
+    p.add_argument("--workers", type=int, default=default(1))
+    p.add_argument("--out", default=default(None), help="report directory (default reports/bench-<time>)")
 
 
 def _live(args: argparse.Namespace) -> int:

@@ -43,7 +43,7 @@ class SoakOptions:
 def add_parser(sub: Any, add_common: Any) -> None:
     """Add ``bench soak`` to the ``bench`` subparsers."""
     soak = sub.add_parser("soak", help="run the system at a steady rate; sample RSS and stream lengths")
-    add_common(soak)
+    add_common(soak, keep_earlier=True)
     soak.add_argument("--minutes", type=float, default=10.0, help="how long to send queries (default 10)")
     soak.add_argument("--rate", type=float, default=5.0, help="queries per second, evenly spaced (default 5)")
     soak.add_argument("--sample-s", type=float, default=10.0, help="seconds between samples (default 10)")
