@@ -85,8 +85,9 @@ class Monitor:
         if not valid:
             return effects
         # The embedder's thread starts on the prompts now, while idempotency claims and exact-cache lookups
-        # for the whole batch go out in one round trip (a duplicate's or an exact hit's prompt was seen
-        # before, so the memo answers it without the model).
+        # for the whole batch go out in one round trip. A duplicate's or an exact hit's prompt was usually
+        # seen by this monitor before (the memo answers it); when not (a restart, another monitor's cache
+        # entry), it is embedded for nothing, off the query's path when the batch holds no new query.
         embedding = self.embeddings.get([q.prompt for _, q in valid])
         pipe = self.rt.client.pipeline(transaction=False)
         keys = [self.cache.exact_key(query) for _, query in valid]
