@@ -62,6 +62,13 @@ class IngressSettings:
     max_new_tokens_limit: int = 1024
     dedup_window_s: int = 3600
     embed_batch: int = 32
+    # The router embeds a prompt's first N tokens ([CLS] and [SEP] included): the embedder's cost grows with
+    # every token and a prompt's opening says its domain. The semantic cache only serves prompts that fit.
+    embed_tokens: int = 16
+
+    def __post_init__(self) -> None:
+        if not 3 <= self.embed_tokens <= 512:
+            raise ConfigError(f"ingress.embed_tokens must be 3-512, got {self.embed_tokens}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -68,6 +68,7 @@ class Embedded(Message, frozen=True, tag="embedded"):
     embedding: bytes
     stamps: dict[str, float] = {}
     exact_hit: bytes = b""  # the exact cache's entry for this query (msgpack), found by the monitor: no scoring
+    embedding_truncated: bool = False  # the embedding is of the prompt's opening only (see SentenceEmbedder)
 
 
 class Scored(Message, frozen=True, tag="scored"):
@@ -79,6 +80,7 @@ class Scored(Message, frozen=True, tag="scored"):
     stamps: dict[str, float] = {}
     embedding: bytes = b""
     exact_hit: bytes = b""  # carried from Embedded: the query is answered from the exact cache
+    embedding_truncated: bool = False
 
 
 class Planned(Message, frozen=True, tag="planned"):
@@ -90,6 +92,7 @@ class Planned(Message, frozen=True, tag="planned"):
     stamps: dict[str, float] = {}
     embedding: bytes = b""
     exact_hit: bytes = b""  # carried from Scored: the executor replies with it instead of dispatching
+    embedding_truncated: bool = False
 
 
 class Work(Message, frozen=True, tag="work"):
@@ -180,4 +183,5 @@ class Inflight(Message, frozen=True, tag="inflight"):
     dispatched_ms: float = 0.0
     stamps: dict[str, float] = {}
     embedding: bytes = b""
+    embedding_truncated: bool = False
 AnyMessage = Embedded | Scored | Planned | Work | Result | Telemetry | Control | WantModel | WorkerEvent | Inflight

@@ -58,7 +58,7 @@ class Analyzer:
             candidates = [c for c in candidates if c.model == message.query.model]
         stamps = {**message.stamps, "analyzer_ms": time.time() * 1000}
         scored = Scored(query=message.query, candidates=candidates, domain=domain, stamps=stamps,
-                        embedding=message.embedding)
+                        embedding=message.embedding, embedding_truncated=message.embedding_truncated)
         return Effects().xadd(self.names.plan, encode(scored), maxlen=self.settings.streams.maxlen)
 
     def _pass_exact_hit(self, message: Embedded) -> Effects:

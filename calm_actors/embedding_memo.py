@@ -6,22 +6,34 @@ import asyncio
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
+from typing import NamedTuple
 
 import numpy as np
 
 from calm_actors.meaning import normalise
 
 
-class EmbeddingMemo:
-    """Embeddings of prompts by their normalised text; ``capacity`` of them, least recently used out first."""
+class PromptVector(NamedTuple):
+    """A prompt's embedding (float32 bytes) and whether the embedder took the whole prompt (not only its opening)."""
 
-    def __init__(self, embed: Callable[[Sequence[str]], np.ndarray], pool: Executor, capacity: int) -> None:
+    vector: bytes
+    whole: bool
+
+
+class EmbeddingMemo:
+    """Embeddings of prompts by their normalised text; ``capacity`` of them, least recently used out first.
+
+    ``embed`` maps texts to ``(vectors, whole)``, as ``SentenceEmbedder.embed_marked`` does.
+    """
+
+    def __init__(self, embed: Callable[[Sequence[str]], tuple[np.ndarray, np.ndarray]], pool: Executor,
+                 capacity: int) -> None:
         if capacity < 1:
             raise ValueError(f"capacity must be >= 1, got {capacity}")
         self._embed = embed
         self._pool = pool
         self.capacity = capacity
-        self._vectors: OrderedDict[str, bytes] = OrderedDict()
+        self._vectors: OrderedDict[str, PromptVector] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -29,8 +41,8 @@ class EmbeddingMemo:
     def __contains__(self, prompt: str) -> bool:
         return normalise(prompt) in self._vectors
 
-    def get(self, prompts: Sequence[str]) -> Awaitable[list[bytes]]:
-        """Each prompt's float32 vector as bytes; the prompts not remembered are embedded in one batch in the
+    def get(self, prompts: Sequence[str]) -> Awaitable[list[PromptVector]]:
+        """Each prompt's vector; the prompts not remembered are embedded in one batch in the
         embedder's thread, which starts at this call (await the result later to overlap other work with it).
         The awaitable raises what the embedder raised (and then nothing new is remembered)."""
         keys = [normalise(p) for p in prompts]
@@ -39,14 +51,15 @@ class EmbeddingMemo:
         running = asyncio.get_running_loop().run_in_executor(self._pool, self._embed, missing) if missing else None
         return self._collect(keys, known, missing, running)
 
-    async def _collect(self, keys: list[str], known: dict[str, bytes], missing: list[str],
-                       running: asyncio.Future[np.ndarray] | None) -> list[bytes]:
+    async def _collect(self, keys: list[str], known: dict[str, PromptVector], missing: list[str],
+                       running: asyncio.Future[tuple[np.ndarray, np.ndarray]] | None) -> list[PromptVector]:
         """The vectors of ``keys`` (those ``known`` when ``get`` was called, the ``missing`` ones when
         ``running`` is done), every one of them made the most recently used."""
         vectors = dict(known)
         if running is not None:
-            for key, vector in zip(missing, await running, strict=True):
-                vectors[key] = np.ascontiguousarray(vector, dtype=np.float32).tobytes()
+            matrix, whole = await running
+            for key, vector, fits in zip(missing, matrix, whole, strict=True):
+                vectors[key] = PromptVector(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), bool(fits))
         for key in keys:
             self._vectors[key] = vectors[key]
             self._vectors.move_to_end(key)

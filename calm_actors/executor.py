@@ -70,17 +70,19 @@ class Executor:
             except DecodeError as e:
                 out[i].dead_letter(self.names, entry, str(e), "executor", self.settings.streams.dead_maxlen)
         # The monitor found the exact hits (the decision says so); the semantic cache needs the domain, so it
-        # is searched here, in this process's mirror: no round trip in the query's path.
+        # is searched here, in this process's mirror: no round trip in the query's path. An embedding of the
+        # prompt's opening only is not searched with (nor stored): prompts that differ later would look alike.
         now_ms = time.time() * 1000
         for i, p in planned:
             try:
-                hit = exact_hit(p.exact_hit) if p.exact_hit else self.cache.recall(p.query, p.embedding, p.domain)
+                hit = exact_hit(p.exact_hit) if p.exact_hit else self.cache.recall(p.query, _whole(p), p.domain)
             except DecodeError as e:  # the monitor checked it, so only a tampered message gets here
                 out[i].dead_letter(self.names, entries[i], str(e), "executor", self.settings.streams.dead_maxlen)
                 self._answer_dead(entries[i], str(e), out[i])
                 continue
             inflight = Inflight(query=p.query, decision=p.decision, domain=p.domain, attempt=1, dispatched_ms=now_ms,
-                                stamps={**p.stamps, "executor_ms": now_ms}, embedding=p.embedding)
+                                stamps={**p.stamps, "executor_ms": now_ms}, embedding=p.embedding,
+                                embedding_truncated=p.embedding_truncated)
             if hit is not None:
                 out[i] = self._cached_reply(inflight, hit)
             else:
@@ -175,7 +177,7 @@ class Executor:
     def _finish(self, effects: Effects, inflight: Inflight, reply: dict[str, Any]) -> None:
         query = inflight.query
         if reply.get("status") == "ok":
-            effects.call(lambda p: self.cache.store(p, query, inflight.embedding, inflight.domain, reply))
+            effects.call(lambda p: self.cache.store(p, query, _whole(inflight), inflight.domain, reply))
         effects.call(lambda p: self.replies.deliver(p, query.id, query.reply_to, reply))
         effects.call(lambda p: p.hdel(self.names.inflight_data, query.id))
         effects.call(lambda p: p.zrem(self.names.inflight, query.id))
@@ -187,7 +189,7 @@ class Executor:
                         extra={"query_id": inflight.query.id})
             retry = Inflight(query=inflight.query, decision=inflight.decision, domain=inflight.domain,
                              attempt=inflight.attempt + 1, dispatched_ms=inflight.dispatched_ms, stamps=inflight.stamps,
-                             embedding=inflight.embedding)
+                             embedding=inflight.embedding, embedding_truncated=inflight.embedding_truncated)
             await self._dispatch(retry, effects)
             return
         final = f"{reason} (after {inflight.attempt} attempts)"
@@ -247,6 +249,11 @@ class Executor:
             if inflight.dispatched_ms >= cutoff_ms:
                 return
             del self._dispatched[query_id]
+
+
+def _whole(message: Planned | Inflight) -> bytes:
+    """The message's embedding when it is of the whole prompt (what the semantic cache compares), else b""."""
+    return b"" if message.embedding_truncated else message.embedding
 
 
 async def start(rt: ProcessRuntime) -> Executor:

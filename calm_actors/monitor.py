@@ -43,13 +43,13 @@ class Monitor:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
-        self.embedder = SentenceEmbedder(embedder_dir(fleet_dir))
+        self.embedder = SentenceEmbedder(embedder_dir(fleet_dir), max_tokens=rt.settings.ingress.embed_tokens)
         self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-        self.embeddings = EmbeddingMemo(self.embedder.embed, self._pool, EMBEDDING_CACHE)
+        self.embeddings = EmbeddingMemo(self.embedder.embed_marked, self._pool, EMBEDDING_CACHE)
         self._background: set[asyncio.Future[object]] = set()  # embeddings nobody waits for (kept referenced)
         self._known_models: set[str] = set()
         self._classifier_digest = ""
@@ -122,7 +122,8 @@ class Monitor:
         embedded = time.time() * 1000
         for i, query in fresh:
             vector = by_entry[i]
-            message = Embedded(query=query, embedding=vector, stamps={"monitor_ms": stamp, "embedded_ms": embedded})
+            message = Embedded(query=query, embedding=vector.vector, embedding_truncated=not vector.whole,
+                               stamps={"monitor_ms": stamp, "embedded_ms": embedded})
             effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
 

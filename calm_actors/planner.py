@@ -82,7 +82,7 @@ class Planner:
         now = time.time()
         stamps = {**message.stamps, "planner_ms": now * 1000}
         planned = Planned(query=query, decision=decision, domain=message.domain, stamps=stamps,
-                          embedding=message.embedding)
+                          embedding=message.embedding, embedding_truncated=message.embedding_truncated)
         effects.xadd(self.names.execute, encode(planned), maxlen=self.settings.streams.maxlen)
         explanation = self._explain(planned, message)
         effects.xadd(self.names.decisions, explanation, maxlen=self.settings.streams.decisions_maxlen)

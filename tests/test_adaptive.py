@@ -106,3 +106,20 @@ def test_repeated_and_paraphrased_queries_come_from_the_cache(tiny_fleet: Path, 
     assert spaced["cached"] == "1" and spaced["cache"] == "semantic" and spaced["text"] == first["text"]
     assert other["cached"] == "0"
     assert float(again["energy_j"]) == 0.0 and again["worker"] == ""
+
+
+def test_a_prompt_cut_for_routing_is_neither_looked_up_in_nor_stored_in_the_semantic_cache(
+        tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    """With the router embedding 5 tokens, "12+7=" ([CLS] 12 + 7 = [SEP]) is cut: the spaced paraphrase the test
+    above finds in the semantic cache is not found, nothing is stored there, and the exact cache still answers."""
+    client = redis.Redis.from_url(redis_url)
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", *ADAPTIVE,
+                 "--set=cache.domain_thresholds=arithmetic=0.85", "--set=ingress.embed_tokens=5"):
+        first = ask(client, prefix, "12+7=")
+        spaced = ask(client, prefix, "12 + 7 =")
+        again = ask(client, prefix, "12+7=")
+        semantic_entries = client.xlen(f"{prefix}cache:semantic:{first['domain'] or 'any'}")
+    assert first["status"] == "ok" and first["cached"] == "0"
+    assert spaced["status"] == "ok" and spaced["cached"] == "0", spaced
+    assert again["cached"] == "1" and again["cache"] == "exact" and again["text"] == first["text"]
+    assert semantic_entries == 0

@@ -24,11 +24,11 @@ class CountingEmbedder:
         self.calls: list[list[str]] = []
         self.fail = False
 
-    def __call__(self, texts: Sequence[str]) -> np.ndarray:
+    def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
         self.calls.append(list(texts))
         if self.fail:
             raise RuntimeError("embedder broke")
-        return self.embedder.embed(texts)
+        return self.embedder.embed_marked(texts)
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,8 @@ async def test_vectors_are_the_embedders_of_the_normalised_prompts(real_embedder
     vectors = await memo.get(prompts)
     expected = real_embedder.embed([normalise(p) for p in prompts])
     for got, want in zip(vectors, expected, strict=True):
-        np.testing.assert_allclose(np.frombuffer(got, dtype=np.float32), want, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(np.frombuffer(got.vector, dtype=np.float32), want, rtol=1e-5, atol=1e-6)
+        assert got.whole
     assert counting.calls == [sorted({normalise(p) for p in prompts})]  # one batch, each prompt once
 
 
@@ -94,7 +95,7 @@ async def test_embedding_starts_at_the_call_so_the_caller_can_overlap_work(real_
     started = threading.Event()
 
     class Signalling(CountingEmbedder):
-        def __call__(self, texts: Sequence[str]) -> np.ndarray:
+        def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
             started.set()
             return super().__call__(texts)
 
@@ -112,5 +113,14 @@ async def test_gets_in_flight_together_each_return_their_own_vectors(real_embedd
     a, b = await first, await second
     assert len(a) == 2 and len(b) == 1
     # The same prompt, embedded in two batches (int8 activations are scaled per batch: near, not equal).
-    assert float(np.frombuffer(a[1], dtype=np.float32) @ np.frombuffer(b[0], dtype=np.float32)) > 0.99
+    assert float(np.frombuffer(a[1].vector, dtype=np.float32) @ np.frombuffer(b[0].vector, dtype=np.float32)) > 0.99
     assert len(memo) == 1  # the capacity holds once both are collected
+
+
+async def test_the_memo_says_which_prompts_were_embedded_whole(tiny_fleet: Path, pool: ThreadPoolExecutor) -> None:
+    short = SentenceEmbedder(embedder_dir(tiny_fleet), max_tokens=8)
+    memo = EmbeddingMemo(short.embed_marked, pool, capacity=8)
+    long = "def area(radius):\n    return 3.14159 * radius * radius"
+    fits, cut = await memo.get(["12+7=", long])
+    assert fits.whole and not cut.whole
+    assert (await memo.get([long]))[0] == cut  # remembered with its mark

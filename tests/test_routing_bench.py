@@ -39,6 +39,15 @@ def test_cli_prints_json(tiny_fleet: Path) -> None:
     report = json.loads(done.stdout)
     assert report["routing"]["exemplars"]["queries"] == 40
     assert report["routing"]["classifier"]["queries"] == 40
+    assert report["embed_tokens"] == 16  # the monitor's default cut
+
+
+def test_the_cli_routes_with_the_configured_cut(tiny_fleet: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "calm", "bench", "routing", "--fleet", str(tiny_fleet),
+                           "--limit", "10", "--json", "--set", "ingress.embed_tokens=64"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["embed_tokens"] == 64
 
 
 def test_a_held_out_draw_routes_fresh_prompts_of_each_domain(tiny_fleet: Path) -> None:

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from broker.config import PlannerSettings
+from broker.config import IngressSettings, PlannerSettings
 from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.embedder import SentenceEmbedder, embedder_dir
 from calm_actors.scoring import blended_fits, profile_texts
@@ -30,6 +30,7 @@ from workers.fleet.recipes import recipe_hash
 from workers.fleet.spec import Fleet, load_fleet
 
 BATCH = 64
+DEFAULT_EMBED_TOKENS = IngressSettings().embed_tokens
 
 
 @dataclass(slots=True)
@@ -168,10 +169,11 @@ def summary(results: dict[str, DomainResult], keep_misrouted: int = 5) -> dict[s
 
 
 def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | None = None,
-        draw: int | None = None, draw_seed: int = 1) -> dict[str, Any]:
+        draw: int | None = None, draw_seed: int = 1, embed_tokens: int = DEFAULT_EMBED_TOKENS) -> dict[str, Any]:
     """Every variant on one fleet: ``{"routing": {VARIANT: SUMMARY, …}, "prompts": …, "fleet": …}``.
 
     The prompts are the fleet's eval sets, or with ``draw`` that many fresh held-out prompts per domain.
+    Prompts and profile texts are embedded as the monitor embeds them: their first ``embed_tokens`` tokens.
     """
     settings = settings or PlannerSettings()
     fleet = load_fleet(fleet_dir)
@@ -181,10 +183,10 @@ def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | N
     else:
         prompts = eval_prompts(fleet, limit)
         source = {"source": "fleet eval sets", "limit": limit}
-    embedder = SentenceEmbedder(embedder_dir(fleet.root))
+    embedder = SentenceEmbedder(embedder_dir(fleet.root), max_tokens=embed_tokens)
     routing = {name: summary(evaluate(fleet, embedder, v, settings, prompts)) for name, v in VARIANTS.items()}
     exemplar_counts = {c.name: len(fleet.exemplars(c)) for c in fleet.models if not c.baseline}
-    return {"routing": routing, "prompts": source,
+    return {"routing": routing, "prompts": source, "embed_tokens": embed_tokens,
             "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
 
 
@@ -195,7 +197,9 @@ def print_table(report: dict[str, Any], names: Sequence[str] = tuple(VARIANTS)) 
     prompts = report.get("prompts", {})
     where = f"a held-out draw, seed {prompts['seed']}," if prompts.get("source") == "held-out draw" \
         else "the fleet's held-out eval sets,"
-    table = Table(title=f"routing accuracy on {where} semantic fit only (no QoS)")
+    cut = report.get("embed_tokens")
+    tokens = f", prompts embedded to their first {cut} tokens" if cut else ""
+    table = Table(title=f"routing accuracy on {where} semantic fit only (no QoS){tokens}")
     table.add_column("domain")
     for name in names:
         table.add_column(name.replace("_", " "), justify="right")
@@ -217,7 +221,7 @@ def cmd_routing(args: argparse.Namespace) -> int:
     settings = settings_from(args)
     try:
         report = run(fleet_dir(settings, profile=args.profile), settings.planner, limit=args.limit,
-                     draw=args.draw, draw_seed=args.draw_seed)
+                     draw=args.draw, draw_seed=args.draw_seed, embed_tokens=settings.ingress.embed_tokens)
     except DrawError as e:
         print(f"calm bench routing: {e}", file=sys.stderr)
         return EXIT_USAGE
