@@ -105,6 +105,9 @@ class ExecutorSettings:
     attempt_timeout_s: float = 60.0
     max_attempts: int = 3
     sweep_interval_ms: int = 500
+    # Workers deliver a successful query's reply themselves (one stream hop less in its latency); the executor
+    # still finishes the query on the result (cache, in-flight record) and its own delivery is then a no-op.
+    worker_replies: bool = True
 
 
 @dataclass(frozen=True, slots=True)

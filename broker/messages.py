@@ -61,6 +61,14 @@ class Decision(msgspec.Struct, frozen=True, kw_only=True):
     fallbacks: list[str] = []  # next choices, tried in order when an attempt fails or times out
 
 
+class ReplyCopy(msgspec.Struct, frozen=True, kw_only=True):
+    """Some of a reply's fields (a msgpack map) to SET under ``key`` for ``ttl_s`` in the reply's transaction."""
+
+    key: str
+    ttl_s: int
+    fields: list[str]
+
+
 class Embedded(Message, frozen=True, tag="embedded"):
     """Monitor → analyzer: the query and its embedding (float32 bytes, L2-normalised)."""
 
@@ -106,6 +114,14 @@ class Work(Message, frozen=True, tag="work"):
     temperature: float
     dispatched_ms: float
     seed: int | None = None
+    # With a reply stream, a worker that succeeds delivers the query's reply itself, in the transaction that adds
+    # its result: ``reply`` (a msgpack map) holds the fields only the executor knows (route, domain, decision),
+    # ``arrived_ms`` the query's arrival for latency_ms, ``reply_copy`` what else the reply's transaction
+    # writes. Empty: the executor replies on the result.
+    reply_to: str = ""
+    reply: bytes = b""
+    arrived_ms: float = 0.0
+    reply_copy: ReplyCopy | None = None  # e.g. the exact cache's entry: readable once the reply is
 
 
 class Result(Message, frozen=True, tag="result"):

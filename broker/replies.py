@@ -10,6 +10,7 @@ import msgspec
 from redis.asyncio.client import Pipeline
 
 from broker.codec import plain_fields
+from broker.messages import ReplyCopy, Result
 from broker.names import Names
 from broker.scripts import LuaScript
 
@@ -75,8 +76,13 @@ class ReplyBook:
             return Claim("done", msgspec.msgpack.decode(raw[1]))
         return Claim(state)
 
-    def deliver(self, pipe: Pipeline, query_id: str, reply_to: str, reply: Mapping[str, Any]) -> None:
-        """Queue the reply's delivery to ``reply_to`` and every stream that waits for the same id."""
+    def deliver(self, pipe: Pipeline, query_id: str, reply_to: str, reply: Mapping[str, Any],
+                copy: ReplyCopy | None = None) -> None:
+        """Queue the reply's delivery to ``reply_to`` and every stream that waits for the same id, and ``copy``
+        (written on every call: the latest reply's fields)."""
+        if copy is not None:
+            kept = {name: reply[name] for name in copy.fields if name in reply}
+            pipe.set(copy.key, msgspec.msgpack.encode(kept), ex=copy.ttl_s)
         fields = plain_fields(reply)
         payload = msgspec.msgpack.encode(fields)
         keys = [self.names.done(query_id), f"{self.names.claim(query_id)}:waiters"]
@@ -92,3 +98,15 @@ class ReplyBook:
     def send_unclaimed(self, pipe: Pipeline, reply_to: str, reply: Mapping[str, Any]) -> None:
         """Queue a reply that records no idempotency state (rejections of malformed input)."""
         pipe.xadd(reply_to, dict[Any, Any](plain_fields(reply)), maxlen=self.maxlen, approximate=True)
+
+
+def generation_reply(template: Mapping[str, Any], result: Result, arrived_ms: float, now_ms: float) -> dict[str, Any]:
+    """A successful query's reply: ``template`` (the fields the executor fills in at dispatch) with the
+    generation's fields from ``result`` and ``latency_ms`` (arrival to now)."""
+    return {
+        **template, "status": "ok", "text": result.text, "model": result.model, "worker": result.worker,
+        "cached": False, "latency_ms": max(0.0, now_ms - arrived_ms), "queue_ms": result.queue_ms,
+        "inference_ms": result.inference_ms, "tokens_in": result.tokens_in, "tokens_out": result.tokens_out,
+        "energy_j": result.energy_j, "energy_source": result.energy_source, "confidence": result.confidence,
+        "error": "", "finish_reason": result.finish_reason,
+    }

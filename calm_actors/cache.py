@@ -21,7 +21,7 @@ from redis.asyncio.client import Pipeline
 
 from broker.config import CacheSettings
 from broker.errors import DecodeError
-from broker.messages import Query
+from broker.messages import Query, ReplyCopy
 from broker.names import Names
 from calm_actors.meaning import normalise, same_meaning_parts
 
@@ -166,6 +166,11 @@ class ResponseCache:
                 mirror.nonces.discard(dropped.get("nonce", ""))
             del mirror.vectors[:-cap]
             del mirror.entries[:-cap]
+
+    def exact_copy(self, query: Query) -> ReplyCopy | None:
+        """The exact entry ``store`` writes, as a copy a reply's delivery can write (None: not cached exactly)."""
+        key = self.exact_key(query)
+        return ReplyCopy(key=key, ttl_s=self.settings.exact_ttl_s, fields=list(CACHED_FIELDS)) if key else None
 
     def store(self, pipe: Pipeline, query: Query, embedding: bytes, domain: str, reply: dict[str, Any]) -> None:
         """Queue writes that make ``reply`` (an ok reply) reusable."""

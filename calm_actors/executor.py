@@ -8,12 +8,14 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
 
+import msgspec
+
 from broker.codec import decode_as, encode
 from broker.consumer import ensure_group
 from broker.effects import Effects, Entry, dead_letter_fields
 from broker.errors import DecodeError
 from broker.messages import Inflight, Planned, Result, Work
-from broker.replies import ReplyBook
+from broker.replies import ReplyBook, generation_reply
 from broker.runtime import ProcessRuntime
 from calm_actors.cache import MIRROR_REFRESH_S, Hit, ResponseCache, exact_hit
 from calm_actors.learning import Learner
@@ -114,9 +116,12 @@ class Executor:
         if stream not in self._groups:  # entries added before any worker joins must still be delivered
             await ensure_group(self.rt.client, stream, self.names.GROUP_WORKERS)
             self._groups.add(stream)
+        direct = self.settings.executor.worker_replies
         work = Work(id=query.id, attempt=inflight.attempt, model=model, prompt=query.prompt,
                     max_new_tokens=query.max_new_tokens, temperature=query.temperature,
-                    dispatched_ms=inflight.dispatched_ms)
+                    dispatched_ms=inflight.dispatched_ms, reply_to=query.reply_to if direct else "",
+                    reply=msgspec.msgpack.encode(_reply_template(inflight)) if direct else b"",
+                    arrived_ms=query.arrived_ms, reply_copy=self.cache.exact_copy(query) if direct else None)
         deadline_ms = time.time() * 1000 + self.settings.executor.attempt_timeout_s * 1000
         effects.xadd(stream, encode(work), maxlen=self.settings.streams.maxlen)
         effects.call(lambda p: p.hset(self.names.inflight_data, query.id, encode(inflight)[b"m"]))
@@ -161,18 +166,7 @@ class Executor:
         return out
 
     def _reply(self, inflight: Inflight, result: Result) -> dict[str, Any]:
-        now_ms = time.time() * 1000
-        query = inflight.query
-        return {
-            "id": query.id, "status": "ok", "text": result.text, "model": result.model, "worker": result.worker,
-            "cached": False, "latency_ms": now_ms - query.arrived_ms,
-            "route_ms": max(0.0, inflight.stamps.get("executor_ms", inflight.dispatched_ms) - query.arrived_ms),
-            "queue_ms": result.queue_ms, "inference_ms": result.inference_ms, "tokens_in": result.tokens_in,
-            "tokens_out": result.tokens_out, "energy_j": result.energy_j, "energy_source": result.energy_source,
-            "confidence": result.confidence, "error": "", "domain": inflight.domain,
-            "slo_met": inflight.decision.slo_met, "reason": inflight.decision.reason, "attempts": inflight.attempt,
-            "finish_reason": result.finish_reason, **stage_times(inflight),
-        }
+        return generation_reply(_reply_template(inflight), result, inflight.query.arrived_ms, time.time() * 1000)
 
     def _finish(self, effects: Effects, inflight: Inflight, reply: dict[str, Any]) -> None:
         query = inflight.query
@@ -249,6 +243,17 @@ class Executor:
             if inflight.dispatched_ms >= cutoff_ms:
                 return
             del self._dispatched[query_id]
+
+
+def _reply_template(inflight: Inflight) -> dict[str, Any]:
+    """The reply's fields known at dispatch: the query, its route and the decision (see ``generation_reply``)."""
+    query = inflight.query
+    dispatched = inflight.stamps.get("executor_ms", inflight.dispatched_ms)
+    return {
+        "id": query.id, "route_ms": max(0.0, dispatched - query.arrived_ms), "domain": inflight.domain,
+        "slo_met": inflight.decision.slo_met, "reason": inflight.decision.reason,
+        "attempts": inflight.attempt, **stage_times(inflight),
+    }
 
 
 def _whole(message: Planned | Inflight) -> bytes:

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from pathlib import Path
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 
-from broker.codec import decode_as, encode
+from broker.codec import decode_as, encode, plain_fields
 from broker.config import Settings
 from broker.effects import Effects, Entry
 from broker.messages import Decision, Inflight, Planned, Query, Result, Work
 from broker.runtime import ProcessRuntime
+from calm_actors.cache import CACHED_FIELDS, exact_hit
 from calm_actors.executor import Executor
+from workers.engine_api import Generation
+from workers.fleet.spec import load_fleet
+from workers.worker import Worker
 
 
 @pytest.fixture
@@ -132,3 +137,80 @@ async def test_old_records_are_forgotten(runtimes: list[ProcessRuntime]) -> None
     assert "q4" in executor._dispatched
     executor._forget_older_than(dispatched + 1)
     assert "q4" not in executor._dispatched
+
+
+GENERATION = Generation(text="19", tokens_in=5, tokens_out=2, confidence=0.9, inference_ms=3.0,
+                        finish_reason="eos", cpu_s=0.001)
+
+
+async def _work_served_by_a_worker(rt: ProcessRuntime, executor: Executor, tiny_fleet: Path, query_id: str,
+                                   reply_to: str) -> tuple[Work, Entry]:
+    """Dispatch ``query_id``, let a worker (no engine needed) finish its work, apply its effects; (work, result)."""
+    await _apply(rt.client, await executor.on_planned_batch([_planned(query_id, reply_to)]))
+    ((_, fields),) = await rt.client.xrange(rt.names.work("arith"))
+    work = decode_as(Work, fields)
+    worker_rt = ProcessRuntime("worker", rt.settings, rt.url, instance="w1")
+    try:
+        worker = Worker(worker_rt, load_fleet(tiny_fleet), engine_factory=lambda card, fleet: None)  # type: ignore[arg-type, return-value]
+        effects = worker._outcome_effects(work, 0.5, {"ok": True, "gen": GENERATION, "energy_j": 0.01})
+        await _apply(rt.client, [effects])
+    finally:
+        await worker_rt.client.aclose()
+    ((entry_id, result_fields),) = await rt.client.xrange(rt.names.results)
+    return work, Entry("results", entry_id.decode(), result_fields)
+
+
+async def test_a_worker_delivers_the_reply_the_executor_would_have_sent(runtimes: list[ProcessRuntime],
+                                                                        tiny_fleet: Path) -> None:
+    rt = runtimes[0]
+    executor = Executor(rt)
+    reply_to = f"{rt.names.prefix}test-replies"
+    work, result = await _work_served_by_a_worker(rt, executor, tiny_fleet, "q5", reply_to)
+    assert work.reply_to == reply_to and work.reply and work.arrived_ms == 1.0
+    (reply,) = await _replies(rt.client, reply_to)
+    own = plain_fields(executor._reply(executor._dispatched["q5"], decode_as(Result, result.fields)))
+    assert reply.keys() == own.keys()
+    assert {k: v for k, v in reply.items() if k != "latency_ms"} == {k: v for k, v in own.items() if k != "latency_ms"}
+    assert reply["text"] == "19" and reply["worker"] == "w1" and reply["domain"] == "arithmetic"
+    # The exact cache's entry is written in the reply's transaction: a repeat sent on seeing the reply hits it.
+    key = executor.cache.exact_key(executor._dispatched["q5"].query)
+    assert key is not None
+    entry = exact_hit(await rt.client.get(key)).reply
+    typed = executor._reply(executor._dispatched["q5"], decode_as(Result, result.fields))
+    assert entry == {k: typed[k] for k in CACHED_FIELDS if k in typed}  # what the executor's store writes
+    assert entry["text"] == "19" and entry["domain"] == "arithmetic"
+    # The executor still finishes the query on the result (in-flight record gone) and sends nothing more.
+    await _apply(rt.client, await executor.on_results([result]))
+    assert len(await _replies(rt.client, reply_to)) == 1
+    assert not await rt.client.hexists(rt.names.inflight_data, "q5")
+
+
+async def test_with_worker_replies_off_the_executor_replies(settings: Settings, redis_url: str,
+                                                            tiny_fleet: Path) -> None:
+    rt = ProcessRuntime("executor", settings.replace({"executor.worker_replies": False}), redis_url,
+                        instance="test-executor-off")
+    try:
+        executor = Executor(rt)
+        reply_to = f"{rt.names.prefix}test-replies-off"
+        work, result = await _work_served_by_a_worker(rt, executor, tiny_fleet, "q6", reply_to)
+        assert work.reply_to == "" and work.reply == b""
+        assert await _replies(rt.client, reply_to) == []
+        await _apply(rt.client, await executor.on_results([result]))
+        (reply,) = await _replies(rt.client, reply_to)
+        assert reply["id"] == "q6" and reply["text"] == "19" and reply["worker"] == "w1"
+    finally:
+        await rt.client.aclose()
+
+
+def test_unreadable_reply_fields_leave_the_reply_to_the_executor() -> None:
+    work = Work(id="q7", attempt=1, model="arith", prompt="1+1=", max_new_tokens=4, temperature=0.0,
+                dispatched_ms=1.0, reply_to="calm:replies", reply=b"\xc1", arrived_ms=1.0)
+    result = Result(id="q7", attempt=1, model="arith", worker="w1", ok=True, text="2")
+    assert Worker._reply(work, result, 5.0) is None
+    listed = Work(id="q7", attempt=1, model="arith", prompt="1+1=", max_new_tokens=4, temperature=0.0,
+                  dispatched_ms=1.0, reply_to="calm:replies", reply=b"\x91\x01", arrived_ms=1.0)  # [1]: not a map
+    assert Worker._reply(listed, result, 5.0) is None
+    template = Work(id="q7", attempt=1, model="arith", prompt="1+1=", max_new_tokens=4, temperature=0.0,
+                    dispatched_ms=1.0, reply_to="calm:replies", reply=b"\x81\xa2id\xa2q7", arrived_ms=1.0)
+    reply = Worker._reply(template, result, 5.0)
+    assert reply is not None and reply["id"] == "q7" and reply["text"] == "2" and reply["latency_ms"] == 4.0

@@ -17,12 +17,15 @@ from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
+import msgspec
+
 from broker.codec import decode, decode_as, encode
 from broker.config import WorkerSettings
 from broker.consumer import StreamConsumer, ensure_group
 from broker.effects import Effects, Entry
 from broker.kb import WorkerState
 from broker.messages import Control, Result, Telemetry, Work, WorkerEvent
+from broker.replies import ReplyBook, generation_reply
 from broker.runtime import ProcessRuntime
 from workers.energy import EnergyMeter, make_energy_meter
 from workers.engine import OnnxCausalLM
@@ -75,6 +78,7 @@ class Worker:
         self.names = rt.names
         self.settings = rt.settings
         self.ws = rt.settings.worker
+        self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s, rt.settings.streams.replies_maxlen)
         self.fleet = fleet
         self.id = rt.instance
         self.type = worker_type
@@ -367,8 +371,29 @@ class Worker:
             telemetry = Telemetry(model=work.model, worker=self.id, ok=True, inference_ms=inference_ms,
                                   queue_ms=queue_ms, tokens_out=gen.tokens_out, energy_j=outcome["energy_j"],
                                   confidence=gen.confidence, at_ms=now_ms)
-        return (Effects().xadd(self.names.results, encode(result), maxlen=maxlen)
+        effects = Effects()
+        reply = self._reply(work, result, now_ms) if result.ok else None
+        if reply is not None:
+            effects.call(lambda p: self.replies.deliver(p, work.id, work.reply_to, reply, work.reply_copy))
+        return (effects.xadd(self.names.results, encode(result), maxlen=maxlen)
                 .xadd(self.names.telemetry, encode(telemetry), maxlen=maxlen))
+
+    @staticmethod
+    def _reply(work: Work, result: Result, now_ms: float) -> dict[str, Any] | None:
+        """The query's reply, when the executor asked this worker to deliver it (else None: the executor replies)."""
+        if not work.reply_to or not work.reply:
+            return None
+        try:
+            template = msgspec.msgpack.decode(work.reply)
+        except msgspec.DecodeError as e:
+            log.warning("work %s: unreadable reply fields (%s); the executor replies", work.id, e,
+                        extra={"query_id": work.id})
+            return None
+        if not isinstance(template, dict):
+            log.warning("work %s: reply fields are not a map; the executor replies", work.id,
+                        extra={"query_id": work.id})
+            return None
+        return generation_reply(template, result, work.arrived_ms, now_ms)
 
 
 def max_context(card: ModelCard, fleet: Fleet) -> int:
