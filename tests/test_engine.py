@@ -149,6 +149,36 @@ def test_greedy_matches_transformers(tiny: Tiny, engine: OnnxCausalLM, io_bindin
         bound.close()
 
 
+@pytest.mark.parametrize("io_binding", [False, True])
+def test_a_group_query_attention_graph_is_fed_its_sequence_lengths(tiny_models: dict[str, Tiny], tmp_path: Path,
+                                                                   io_binding: bool) -> None:
+    """The Llama export rewritten by ``workers.fleet.fuse`` takes seqlens_k and total_sequence_length, not a
+    mask: the engine feeds them and generates what the export does."""
+    pytest.importorskip("onnx")
+    from workers.fleet.fuse import fuse_decoder
+
+    llama = tiny_models["llama"]
+    fused = shutil.copytree(llama.onnx_dir, tmp_path / "fused")
+    assert fuse_decoder(fused, PROMPTS, EOS)
+    engine = OnnxCausalLM.load(fused, name="gqa", io_binding=io_binding)
+    export = OnnxCausalLM.load(llama.onnx_dir, name="export", io_binding=io_binding)
+    try:
+        assert {"seqlens_k", "total_sequence_length"} <= engine._input_names
+        assert "attention_mask" not in engine._input_names
+        lengths = engine._small_inputs(3, 5)
+        assert set(lengths) == {"seqlens_k", "total_sequence_length"}
+        assert lengths["seqlens_k"].dtype == np.int32 and lengths["seqlens_k"].tolist() == [7]
+        assert lengths["total_sequence_length"].dtype == np.int32 and lengths["total_sequence_length"].shape == ()
+        assert int(lengths["total_sequence_length"]) == 8
+        assert set(export._small_inputs(3, 5)) == {"attention_mask", "position_ids"}
+        for prompt in PROMPTS:
+            ids = engine.encode(prompt)
+            assert engine.generate_ids(ids, max_new_tokens=MAX_NEW) == export.generate_ids(ids, max_new_tokens=MAX_NEW)
+    finally:
+        engine.close()
+        export.close()
+
+
 def test_generation_fields(engine: OnnxCausalLM) -> None:
     assert isinstance(engine, Engine)
     assert engine.device == "cpu"

@@ -74,7 +74,8 @@ def test_exported_graph_has_kv_cache_io_and_answers(tiny_fleet: Path) -> None:
     sess = ort.InferenceSession(str(fleet.model_dir(card) / "model.onnx"), providers=["CPUExecutionProvider"])
     inputs = {i.name for i in sess.get_inputs()}
     outputs = {o.name for o in sess.get_outputs()}
-    assert {"input_ids", "attention_mask", "past_key_values.0.key", "past_key_values.0.value"} <= inputs
+    assert {"input_ids", "past_key_values.0.key", "past_key_values.0.value"} <= inputs
+    assert {"seqlens_k", "total_sequence_length"} <= inputs and "attention_mask" not in inputs  # a fused graph
     assert {"logits", "present.0.key", "present.0.value"} <= outputs
     model = GreedyOnnx(fleet.model_dir(card), eos_token=card.eos_token)
     assert model.generate("37+48=", max_new_tokens=6).strip().isdigit()

@@ -230,3 +230,167 @@ def test_only_plain_llama_configs_are_rebuilt() -> None:
         llama_shape({**base, "model_type": "gpt2"})
     with pytest.raises(ValueError, match="rope scaling"):
         llama_shape({**base, "rope_scaling": {"type": "linear", "factor": 2.0}})
+
+
+def test_the_rebuilt_graph_takes_the_sequence_lengths_as_inputs(unfused: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto
+
+    from workers.fleet.fuse import fuse_decoder
+    from workers.fleet.gqa_graph import SEQLENS_INPUT, TOTAL_LENGTH_INPUT
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(unfused, tmp_path / "model")
+    assert fuse_decoder(model, PROMPTS[:3], EOS)
+    graph = onnx.load(str(model / "model.onnx")).graph
+    names = [i.name for i in graph.input]
+    assert names == ["input_ids", SEQLENS_INPUT, TOTAL_LENGTH_INPUT] + [
+        f"past_key_values.{layer}.{kind}" for layer in range(2) for kind in ("key", "value")]
+    types = {i.name: i.type.tensor_type for i in graph.input}
+    assert types[SEQLENS_INPUT].elem_type == TensorProto.INT32 and len(types[SEQLENS_INPUT].shape.dim) == 1
+    assert types[TOTAL_LENGTH_INPUT].elem_type == TensorProto.INT32 and len(types[TOTAL_LENGTH_INPUT].shape.dim) == 0
+    ops = Counter(node.op_type for node in graph.node)
+    assert not ops.keys() & {"ReduceSum", "Sub", "Shape", "Squeeze", "Cast"}  # no front computing the lengths
+    assert "one" not in {t.name for t in graph.initializer}
+    gqa = [node for node in graph.node if node.op_type == "GroupQueryAttention"]
+    assert all(list(node.input[5:7]) == [SEQLENS_INPUT, TOTAL_LENGTH_INPUT] for node in gqa) and len(gqa) == 2
+
+
+def test_a_version_2_graph_is_converted_and_answers_as_before(unfused: Path, tmp_path: Path) -> None:
+    import onnx
+
+    from workers.engine import OnnxCausalLM
+    from workers.fleet import fuse
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(unfused, tmp_path / "model")
+    assert fuse.fuse_decoder(model, PROMPTS[:3], EOS)
+    current = onnx.load(str(model / "model.onnx"))
+    old = shutil.copytree(model, tmp_path / "old")
+    onnx.save(_as_version_2(current), str(old / "model.onnx"))
+    shutil.copytree(old, model, dirs_exist_ok=True)
+    assert fuse.fused_version(model / "model.onnx") == "2" and "attention_mask" in _inputs(model)
+    expected = _greedy(model)  # the version-2 graph, fed its attention_mask
+
+    assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    assert fuse.fused_version(model / "model.onnx") == fuse.FUSED_VERSION == "3"
+    converted = onnx.load(str(model / "model.onnx"))
+    assert _unnamed(converted) == _unnamed(current)  # exactly the graph this version builds
+    assert sum(_ops(model / "model.onnx").values()) == sum(_ops(old / "model.onnx").values()) - 6
+    assert _greedy(model) == expected
+    for io_binding in (False, True):  # the engine feeds the lengths to the new graph, the mask to the old one
+        engine = OnnxCausalLM.load(model, name="v3", eos_token=EOS, io_binding=io_binding)
+        before = OnnxCausalLM.load(old, name="v2", eos_token=EOS, io_binding=io_binding)
+        for prompt in PROMPTS:
+            ids = engine.encode(prompt)
+            assert engine.generate_ids(ids, max_new_tokens=16) == before.generate_ids(ids, max_new_tokens=16)
+            assert engine.generate(prompt, max_new_tokens=16).confidence == pytest.approx(
+                before.generate(prompt, max_new_tokens=16).confidence, rel=1e-6)
+
+
+def test_a_version_2_graph_from_the_optimizer_is_rebuilt(unfused: Path, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Version 2 fell back to the optimizer's fusion when the rebuild answered differently: such a graph has
+    no front to cut, and is rebuilt from its own weights."""
+    from workers.fleet import fuse
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(unfused, tmp_path / "model")
+    expected = _greedy(model)
+    with monkeypatch.context() as m:
+        m.setattr(fuse, "FUSED_VERSION", "2")
+        m.setattr(fuse, "_gqa_graph", _not_readable)
+        assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    assert fuse.fused_version(model / "model.onnx") == "2" and _ops(model / "model.onnx")["RotaryEmbedding"] == 4
+    assert fuse.fuse_decoder(model, PROMPTS, EOS)
+    assert fuse.fused_version(model / "model.onnx") == fuse.FUSED_VERSION
+    assert _ops(model / "model.onnx")["GroupQueryAttention"] == 2 and "seqlens_k" in _inputs(model)
+    assert _greedy(model) == expected
+
+
+def test_only_a_graph_computing_its_lengths_from_the_mask_is_converted(unfused: Path, tmp_path: Path) -> None:
+    import onnx
+    from onnx import helper
+
+    from workers.fleet.fuse import fuse_decoder
+    from workers.fleet.gqa_graph import lengths_as_inputs
+    from workers.fleet.tokenizer import EOS
+
+    model = shutil.copytree(unfused, tmp_path / "model")
+    with pytest.raises(ValueError, match="neither computed"):
+        lengths_as_inputs(onnx.load(str(model / "model.onnx")))  # an export: a mask, but no such front
+    assert fuse_decoder(model, PROMPTS[:3], EOS)
+    current = onnx.load(str(model / "model.onnx"))
+    with pytest.raises(ValueError, match="no attention_mask input"):
+        lengths_as_inputs(current)  # already converted
+    old = _as_version_2(current)
+    assert _unnamed(lengths_as_inputs(old)) == _unnamed(current)
+    reads_mask = onnx.ModelProto()
+    reads_mask.CopyFrom(old)
+    reads_mask.graph.node.append(helper.make_node("Identity", ["attention_mask"], ["mask_copy"]))
+    with pytest.raises(ValueError, match="reads the mask"):
+        lengths_as_inputs(reads_mask)
+    other_front = onnx.ModelProto()
+    other_front.CopyFrom(old)
+    sub = next(node for node in other_front.graph.node if node.op_type == "Sub")
+    sub.op_type = "Add"
+    with pytest.raises(ValueError, match="not by"):
+        lengths_as_inputs(other_front)
+
+
+def _inputs(model_dir: Path) -> list[str]:
+    import onnx
+
+    return [i.name for i in onnx.load(str(model_dir / "model.onnx"), load_external_data=False).graph.input]
+
+
+def _as_version_2(model):  # type: ignore[no-untyped-def]
+    """A current GroupQueryAttention graph as version 2 of the rebuild wrote it: the two sequence lengths
+    computed from an ``attention_mask`` input by six front nodes (that version's code, node for node)."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    old = onnx.ModelProto()
+    old.CopyFrom(model)
+    graph = old.graph
+    nodes = [
+        helper.make_node("ReduceSum", ["attention_mask", "axis_seq"], ["mask_len"], domain="", keepdims=0),
+        helper.make_node("Sub", ["mask_len", "one"], ["seqlens_k64"], domain=""),
+        helper.make_node("Cast", ["seqlens_k64"], ["seqlens_k"], domain="", to=TensorProto.INT32),
+        helper.make_node("Shape", ["attention_mask"], ["mask_shape"], domain="", start=1, end=2),
+        helper.make_node("Squeeze", ["mask_shape"], ["total64"], domain=""),
+        helper.make_node("Cast", ["total64"], ["total_len"], domain="", to=TensorProto.INT32),
+        *graph.node,
+    ]
+    for i, node in enumerate(nodes):
+        node.name = f"{node.op_type}_{i}"
+        node.input[:] = ["total_len" if name == "total_sequence_length" else name for name in node.input]
+    del graph.node[:]
+    graph.node.extend(nodes)
+    mask = helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"])
+    inputs = [mask if i.name == "seqlens_k" else i for i in graph.input if i.name != "total_sequence_length"]
+    del graph.input[:]
+    graph.input.extend(inputs)
+    inits = list(graph.initializer)
+    at = next(i for i, t in enumerate(inits) if t.name == "axis_seq")
+    inits.insert(at, numpy_helper.from_array(np.array([1], dtype=np.int64), "one"))  # 1-d, as it was stored
+    del graph.initializer[:]
+    graph.initializer.extend(inits)
+    for entry in old.metadata_props:
+        if entry.key == "calm.fused":
+            entry.value = "2"
+    return old
+
+
+def _unnamed(model) -> bytes:  # type: ignore[no-untyped-def]
+    """``model`` serialised without its node names (they number the nodes, front nodes included) and its
+    metadata (the fusion version's stamp)."""
+    import onnx
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(model)
+    del copy.metadata_props[:]
+    for node in copy.graph.node:
+        node.name = ""
+    return bytes(copy.SerializeToString(deterministic=True))

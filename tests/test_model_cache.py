@@ -102,7 +102,7 @@ def test_a_changed_model_is_the_only_one_retrained(tmp_path: Path, monkeypatch: 
 def test_a_graph_restored_from_the_cache_is_brought_to_the_current_fusion_version(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     pytest.importorskip("torch")
-    pytest.importorskip("onnx")
+    onnx = pytest.importorskip("onnx")
     from workers.fleet import build as build_module
     from workers.fleet import fuse as fuse_module
 
@@ -119,4 +119,6 @@ def test_a_graph_restored_from_the_cache_is_brought_to_the_current_fusion_versio
     build_module._build_into(recipe, tmp_path / "b", progress=False, workers=1, models=cache)
     for name in floats:  # restored, then rewritten before the fleet was published
         assert fuse_module.fused_version(tmp_path / "b" / "models" / name / "model.onnx") == fuse_module.FUSED_VERSION
+        graph = onnx.load(str(tmp_path / "b" / "models" / name / "model.onnx")).graph
+        assert "seqlens_k" in {i.name for i in graph.input}  # the current GroupQueryAttention graph
     assert (tmp_path / "b" / build_module.GRAPHS_STAMP).read_text() == fuse_module.FUSED_VERSION

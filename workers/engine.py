@@ -1,8 +1,10 @@
 """``OnnxCausalLM``: causal-LM generation with a plain onnxruntime loop and a KV cache.
 
 Serves models exported by optimum with task ``text-generation-with-past`` (a directory holding
-``model.onnx``, ``tokenizer.json`` and ``config.json``; GPT-2 and Llama families at least). Only
-onnxruntime, ``tokenizers`` and numpy are used at run time: no torch, no transformers.
+``model.onnx``, ``tokenizer.json`` and ``config.json``; GPT-2 and Llama families at least), and
+the GroupQueryAttention graphs ``workers.fleet.fuse`` rewrites them into, which take the sequence
+lengths (``seqlens_k``, ``total_sequence_length``) instead of ``attention_mask``. Only onnxruntime,
+``tokenizers`` and numpy are used at run time: no torch, no transformers.
 
 Inputs are fed by name (GPT-2 and Llama exports order them differently). On CPU each step is a
 plain ``session.run`` with numpy arrays (measured faster here than an ``IOBinding``). On CUDA each
@@ -37,7 +39,7 @@ log = logging.getLogger(__name__)
 
 _PAST_RE = re.compile(r"^past_key_values\.(\d+)\.(key|value)$")
 _PRESENT_RE = re.compile(r"^present\.(\d+)\.(key|value)$")
-_KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "token_type_ids"}
+_KNOWN_INPUTS = {"input_ids", "attention_mask", "position_ids", "token_type_ids", "seqlens_k", "total_sequence_length"}
 _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -101,6 +103,8 @@ class OnnxCausalLM:
         self._feeds_mask = "attention_mask" in self._input_names
         self._feeds_positions = "position_ids" in self._input_names
         self._feeds_token_types = "token_type_ids" in self._input_names
+        self._feeds_seqlens = "seqlens_k" in self._input_names
+        self._feeds_total = "total_sequence_length" in self._input_names
         self._io_binding = io_binding
         self._lock = threading.Lock()
 
@@ -341,14 +345,20 @@ class OnnxCausalLM:
             raise EngineError(f"{self.name}: onnxruntime failed: {e}") from e
 
     def _small_inputs(self, seq: int, position: int) -> dict[str, np.ndarray]:
-        """attention_mask, position_ids and token_type_ids, as far as the graph takes them."""
+        """attention_mask, position_ids, token_type_ids, seqlens_k (int32 [1]: total length - 1) and
+        total_sequence_length (int32 scalar), as far as the graph takes them."""
         feeds: dict[str, np.ndarray] = {}
+        total = position + seq
         if self._feeds_mask:
-            feeds["attention_mask"] = np.ones((1, position + seq), dtype=np.int64)
+            feeds["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if self._feeds_positions:
-            feeds["position_ids"] = np.arange(position, position + seq, dtype=np.int64)[None, :]
+            feeds["position_ids"] = np.arange(position, total, dtype=np.int64)[None, :]
         if self._feeds_token_types:
             feeds["token_type_ids"] = np.zeros((1, seq), dtype=np.int64)
+        if self._feeds_seqlens:
+            feeds["seqlens_k"] = np.array([total - 1], dtype=np.int32)
+        if self._feeds_total:
+            feeds["total_sequence_length"] = np.array(total, dtype=np.int32)
         return feeds
 
     def _empty_past(self) -> np.ndarray:

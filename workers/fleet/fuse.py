@@ -12,7 +12,11 @@ onnxruntime's own optimisations, ~0.5-0.8 ms a step on a 2-core machine). Two re
 
 A rewritten graph replaces the current one only when greedy continuations of the probe prompts are
 token for token the current graph's; a graph fused by an older version of this module is rewritten
-again from itself (the weights are read from the graph; no checkpoint is needed).
+again from itself (the weights are read from the graph; no checkpoint is needed). The rebuild's graphs
+of version 2 computed GroupQueryAttention's sequence lengths from an ``attention_mask`` input in six
+nodes (a few microseconds each a step); version 3 takes them as inputs. The rebuild cannot read its own
+graphs' weights back, so a version-2 graph is first converted, its six nodes replaced by the two inputs
+(``gqa_graph.lengths_as_inputs``), under the same probe check.
 
 Build-time only: needs ``onnx`` (the ``build`` extra).
 """
@@ -23,7 +27,7 @@ import json
 import logging
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -37,7 +41,8 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 FUSED_KEY = "calm.fused"  # metadata_props entry of a graph this module fused
-FUSED_VERSION = "2"  # 1: optimizer fusion only; 2: GroupQueryAttention rebuild first
+FUSED_VERSION = "3"  # 1: optimizer fusion only; 2: GroupQueryAttention rebuild first; 3: sequence lengths fed as inputs
+LENGTHS_FROM_MASK_VERSION = "2"  # its GroupQueryAttention graphs compute the lengths from attention_mask
 PROBE_TOKENS = 24  # greedy tokens compared per probe prompt
 PROBES_PER_DOMAIN = 16  # held-out prompts per domain among the probes
 ROTARY_CACHES = ("cos_cache", "sin_cache")
@@ -77,20 +82,26 @@ def is_fused(onnx_path: Path) -> bool:
 def fuse_decoder(model_dir: Path, probes: Sequence[str], eos_token: str) -> bool:
     """Rewrite ``model_dir/model.onnx`` in place; True when the directory now holds a current fused graph.
 
-    The GroupQueryAttention rebuild is tried first, then the optimizer's fusion; the first candidate
-    that continues every probe exactly as the current graph does (greedy, ``PROBE_TOKENS`` tokens)
-    replaces it. When none does, the graph stays and a warning says why.
+    A version-2 graph is first converted to take its sequence lengths as inputs; then the
+    GroupQueryAttention rebuild is tried, then the optimizer's fusion. The first candidate that
+    continues every probe exactly as the current graph does (greedy, ``PROBE_TOKENS`` tokens) replaces
+    it. When none does, the graph stays and a warning says why.
     """
     import onnx
 
     model_dir = Path(model_dir)
     onnx_path = model_dir / MODEL_FILE
-    if is_fused(onnx_path):
+    version = fused_version(onnx_path)
+    if version == FUSED_VERSION:
         return True
     if not probes:
         raise ValueError(f"{model_dir}: no probe prompts to check the fused graph against")
     config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    for kind, build in (("GroupQueryAttention", _gqa_graph), ("optimizer", _fused_graph)):
+    rewrites: list[tuple[str, Callable[[Path, dict[str, Any]], onnx.ModelProto]]] = [
+        ("GroupQueryAttention", _gqa_graph), ("optimizer", _fused_graph)]
+    if version == LENGTHS_FROM_MASK_VERSION:
+        rewrites.insert(0, ("lengths as inputs", _lengths_graph))
+    for kind, build in rewrites:
         try:
             graph = build(onnx_path, config)
         except ValueError as e:  # not a graph this rewrite reads (another architecture, rope scaling)
@@ -118,6 +129,17 @@ def _gqa_graph(onnx_path: Path, config: dict[str, Any]) -> onnx.ModelProto:
 
     shape = llama_shape(config)
     model = gqa_decoder(llama_weights(onnx.load(str(onnx_path)), shape), shape)
+    _mark(model)
+    return model
+
+
+def _lengths_graph(onnx_path: Path, config: dict[str, Any]) -> onnx.ModelProto:
+    """A version-2 GroupQueryAttention graph taking its sequence lengths as inputs, marked as fused."""
+    import onnx
+
+    from workers.fleet.gqa_graph import lengths_as_inputs
+
+    model = lengths_as_inputs(onnx.load(str(onnx_path)))
     _mark(model)
     return model
 

@@ -3,15 +3,18 @@
 An optimum export spells attention out in ~50 small nodes per layer (reshapes, transposes, the KV
 concatenation, the causal mask, rotary embeddings); on a small model each node's fixed cost is most of
 a decoding step. This module reads the weights of such an export (or of one already fused by
-``workers.fleet.fuse``) and writes the same model as ~11 nodes per layer: one QKV MatMul, one
-``GroupQueryAttention`` (rotary embedding, KV cache and causal softmax inside; CPU and CUDA kernels),
+``workers.fleet.fuse``'s optimizer pass) and writes the same model as ~11 nodes per layer: one QKV MatMul,
+one ``GroupQueryAttention`` (rotary embedding, KV cache and causal softmax inside; CPU and CUDA kernels),
 the output projection, the SwiGLU MLP and fused RMSNorm+residual nodes. The lm_head runs on the last
-position only. Inputs and outputs keep the export's names and layout (``input_ids``,
-``attention_mask``, ``past_key_values.N.key/value``; ``logits``, ``present.N.key/value``), so the
-engine runs either graph; ``position_ids`` is not an input (positions follow from the mask, whose
-rows must be unpadded). Heads whose size is not a multiple of 16 (the CPU kernel's requirement) are
-padded with zero dimensions. onnxruntime's CUDA kernel of the op takes float16/bfloat16 only, so on a
-GPU this float32 graph runs its attention nodes on the CPU execution provider (not measured here).
+position only. Inputs: ``input_ids`` (int64 [batch, seq]), the op's own length inputs ``seqlens_k``
+(int32 [batch]: each row's total length - 1; rows unpadded) and ``total_sequence_length`` (int32 scalar:
+past + new positions), then ``past_key_values.N.key/value``; outputs keep the export's names and layout
+(``logits``, ``present.N.key/value``). There is no ``attention_mask`` and no ``position_ids``: positions
+follow from the lengths. The previous version computed the two lengths from an ``attention_mask`` input
+in six nodes; ``lengths_as_inputs`` turns such a graph into this form (its weights cannot be read back by
+``llama_weights``). Heads whose size is not a multiple of 16 (the CPU kernel's requirement) are padded
+with zero dimensions. onnxruntime's CUDA kernel of the op takes float16/bfloat16 only, so on a GPU this
+float32 graph runs its attention nodes on the CPU execution provider (not measured here).
 
 Build-time only: needs ``onnx`` (the ``build`` extra).
 """
@@ -19,6 +22,7 @@ Build-time only: needs ``onnx`` (the ``build`` extra).
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -27,7 +31,22 @@ import numpy as np
 if TYPE_CHECKING:
     import onnx
 
-__all__ = ["LlamaShape", "LlamaWeights", "gqa_decoder", "llama_shape", "llama_weights"]
+__all__ = [
+    "SEQLENS_INPUT",
+    "TOTAL_LENGTH_INPUT",
+    "LlamaShape",
+    "LlamaWeights",
+    "gqa_decoder",
+    "lengths_as_inputs",
+    "llama_shape",
+    "llama_weights",
+]
+
+SEQLENS_INPUT = "seqlens_k"  # int32 [batch]: each row's total length - 1
+TOTAL_LENGTH_INPUT = "total_sequence_length"  # int32 scalar: past + new positions
+_MASK_INPUT = "attention_mask"  # the previous version's input the lengths were computed from
+_MASK_TOTAL = "total_len"  # the previous version's name of the total length
+_MASK_FRONT = ("ReduceSum", "Sub", "Cast", "Shape", "Squeeze", "Cast")  # its nodes computing the two lengths
 
 _PROJ = re.compile(r"/model/layers\.(\d+)/(?:self_attn|mlp)/(q|k|v|o|gate|up|down)_proj/MatMul$")
 _NORM_MUL = re.compile(r"(?:_layernorm|/model/norm)/Mul_1$")
@@ -160,18 +179,9 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
     angles[:, : s.head_dim // 2] = np.outer(np.arange(s.max_positions, dtype=np.float64), inv_freq)
     init("cos_cache", np.cos(angles).astype(np.float32))
     init("sin_cache", np.sin(angles).astype(np.float32))
-    init("one", np.array(1, dtype=np.int64))
     init("axis_seq", np.array([1], dtype=np.int64))
     init("last_start", np.array([-1], dtype=np.int64))
     init("last_end", np.array([np.iinfo(np.int64).max], dtype=np.int64))
-
-    # Positions and lengths from the mask (batch of unpadded rows): seqlens_k = total - 1.
-    node("ReduceSum", ["attention_mask", "axis_seq"], ["mask_len"], keepdims=0)
-    node("Sub", ["mask_len", "one"], ["seqlens_k64"])
-    node("Cast", ["seqlens_k64"], ["seqlens_k"], to=TensorProto.INT32)
-    node("Shape", ["attention_mask"], ["mask_shape"], start=1, end=2)
-    node("Squeeze", ["mask_shape"], ["total64"])
-    node("Cast", ["total64"], ["total_len"], to=TensorProto.INT32)
 
     node("Gather", ["embed", "input_ids"], ["h_embed"])
     residual = "h_embed"
@@ -185,8 +195,8 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
         o = _pad_heads(p["o"].T, s.heads, s.head_dim, size, rotary=False).T
         node("MatMul", [hidden, qkv], [f"qkv_out_{i}"])
         node("GroupQueryAttention",
-             [f"qkv_out_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value", "seqlens_k",
-              "total_len", "cos_cache", "sin_cache"],
+             [f"qkv_out_{i}", "", "", f"past_key_values.{i}.key", f"past_key_values.{i}.value",
+              SEQLENS_INPUT, TOTAL_LENGTH_INPUT, "cos_cache", "sin_cache"],
              [f"attn_{i}", f"present.{i}.key", f"present.{i}.value"],
              domain="com.microsoft", num_heads=s.heads, kv_num_heads=s.kv_heads, do_rotary=1, rotary_interleaved=0,
              scale=float(s.head_dim ** -0.5))
@@ -213,7 +223,7 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
     present_shape: list[str | int] = ["batch_size", s.kv_heads, "total_sequence_length", size]
     inputs = [
         helper.make_tensor_value_info("input_ids", TensorProto.INT64, ["batch_size", "sequence_length"]),
-        helper.make_tensor_value_info("attention_mask", TensorProto.INT64, ["batch_size", "total_sequence_length"]),
+        *_length_inputs(),
     ]
     outputs = [helper.make_tensor_value_info("logits", f32, ["batch_size", 1, vocab])]
     for i in range(s.layers):
@@ -227,6 +237,90 @@ def gqa_decoder(weights: LlamaWeights, shape: LlamaShape) -> onnx.ModelProto:
         producer_name="calm",
         ir_version=9,
     )
+
+
+def lengths_as_inputs(model: onnx.ModelProto) -> onnx.ModelProto:
+    """A graph built by the previous version of ``gqa_decoder`` in this version's form (a new model).
+
+    That version computed ``seqlens_k`` and ``total_len`` from an ``attention_mask`` input in six front
+    nodes; here the front nodes, the mask and the constants only they used are gone, the two lengths are
+    inputs in the mask's place and ``total_len``'s uses read ``total_sequence_length``. Raises ValueError
+    when ``model`` has no such front.
+    """
+    import onnx
+
+    source = model.graph
+    front = _mask_front(source)
+    kept = [node for i, node in enumerate(source.node) if i not in front]
+    used = {name for node in kept for name in node.input} | {o.name for o in source.output}
+    dropped = {name for i in front for name in (*source.node[i].input, *source.node[i].output)} - used
+
+    converted = onnx.ModelProto()
+    converted.CopyFrom(model)
+    graph = converted.graph
+    _replace(graph.node, kept)
+    for node in graph.node:
+        node.input[:] = [TOTAL_LENGTH_INPUT if name == _MASK_TOTAL else name for name in node.input]
+    _replace(graph.input, [new for value in source.input
+                           for new in (_length_inputs() if value.name == _MASK_INPUT else [value])])
+    _replace(graph.initializer, [t for t in source.initializer if t.name not in dropped])
+    gone = dropped | {SEQLENS_INPUT, _MASK_TOTAL}  # the lengths are inputs now: no value_info of their own
+    _replace(graph.value_info, [v for v in source.value_info if v.name not in gone])
+    return converted
+
+
+def _mask_front(graph: onnx.GraphProto) -> set[int]:
+    """Indices of the previous version's nodes computing ``seqlens_k`` and ``total_len`` from the mask.
+
+    Raises ValueError unless they are exactly those nodes, read nothing but the mask and constants, and
+    nothing but GroupQueryAttention nodes read what they compute.
+    """
+    if _MASK_INPUT not in {value.name for value in graph.input}:
+        raise ValueError(f"no {_MASK_INPUT} input: not a graph whose lengths come from the mask")
+    names = {name for node in graph.node for name in (*node.input, *node.output)}
+    if TOTAL_LENGTH_INPUT in names | {value.name for value in graph.input}:
+        raise ValueError(f"the graph already has a tensor named {TOTAL_LENGTH_INPUT!r}")
+    producer = {out: i for i, node in enumerate(graph.node) for out in node.output}
+    constants = {t.name for t in graph.initializer}
+    front: set[int] = set()
+    pending = [SEQLENS_INPUT, _MASK_TOTAL]
+    while pending:
+        name = pending.pop()
+        if name in (_MASK_INPUT, "") or name in constants:
+            continue
+        if name not in producer:
+            raise ValueError(f"{name!r} is neither computed in the graph nor {_MASK_INPUT} nor a constant")
+        if producer[name] not in front:
+            front.add(producer[name])
+            pending.extend(graph.node[producer[name]].input)
+    ops = tuple(graph.node[i].op_type for i in sorted(front))
+    if ops != _MASK_FRONT:
+        raise ValueError(f"the lengths are computed by {list(ops)}, not by {list(_MASK_FRONT)}")
+    lengths = {SEQLENS_INPUT, _MASK_TOTAL}
+    inner = ({out for i in front for out in graph.node[i].output} - lengths) | {_MASK_INPUT}
+    for i, node in enumerate(graph.node):
+        read = set(node.input)
+        if i not in front and (read & inner or (read & lengths and node.op_type != "GroupQueryAttention")):
+            raise ValueError(f"node {node.name!r} ({node.op_type}) reads the mask or its lengths")
+    if {o.name for o in graph.output} & (inner | lengths):
+        raise ValueError("a graph output is the mask or computed from it")
+    return front
+
+
+def _length_inputs() -> list[onnx.ValueInfoProto]:
+    """The ``seqlens_k`` and ``total_sequence_length`` graph inputs."""
+    from onnx import TensorProto, helper
+
+    return [
+        helper.make_tensor_value_info(SEQLENS_INPUT, TensorProto.INT32, ["batch_size"]),
+        helper.make_tensor_value_info(TOTAL_LENGTH_INPUT, TensorProto.INT32, []),
+    ]
+
+
+def _replace(field: Any, entries: Sequence[Any]) -> None:
+    """Make the repeated protobuf ``field`` hold copies of ``entries`` (messages of another model)."""
+    del field[:]
+    field.extend(entries)
 
 
 def _padded_head_size(head_dim: int) -> int:

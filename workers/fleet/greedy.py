@@ -41,13 +41,21 @@ class GreedyOnnx:
         self.kv_dtype = np.float16 if first is not None and "float16" in first.type else np.float32
 
     def _feed(self, ids: list[int], past: dict[str, Any], total: int) -> dict[str, Any]:
+        """One step's inputs: the new ids, the positions or lengths the graph takes, and the KV cache.
+
+        An export takes ``attention_mask`` (and ``position_ids``); a GroupQueryAttention graph of
+        ``workers.fleet.gqa_graph`` takes ``seqlens_k`` (total - 1) and ``total_sequence_length`` instead.
+        """
         n = len(ids)
-        feed: dict[str, Any] = {
-            "input_ids": np.asarray([ids], dtype=np.int64),
-            "attention_mask": np.ones((1, total), dtype=np.int64),
-        }
+        feed: dict[str, Any] = {"input_ids": np.asarray([ids], dtype=np.int64)}
+        if "attention_mask" in self.inputs:
+            feed["attention_mask"] = np.ones((1, total), dtype=np.int64)
         if "position_ids" in self.inputs:
             feed["position_ids"] = np.arange(total - n, total, dtype=np.int64)[None, :]
+        if "seqlens_k" in self.inputs:
+            feed["seqlens_k"] = np.array([total - 1], dtype=np.int32)
+        if "total_sequence_length" in self.inputs:
+            feed["total_sequence_length"] = np.array(total, dtype=np.int32)
         feed.update(past)
         return feed
 
