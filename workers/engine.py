@@ -415,9 +415,8 @@ class OnnxCausalLM:
             binding.bind_output(out_name, self._ort_device, self._gpu_index)
         session.run_with_iobinding(binding)
         outputs = binding.get_outputs()
-        logits = outputs[0].numpy()[0, -1]
-        presents = dict(zip(kv.present_to_past.values(), outputs[1:], strict=True))
-        return logits, [presents[name] for name in kv.names]
+        # Bound in the graph's output order (logits, then the presents), so the plain step's KV order applies.
+        return outputs[0].numpy()[0, -1], [outputs[i] for i in self._past_from_output]
 
 
 # ---------------------------------------------------------------------- helpers
