@@ -187,6 +187,7 @@ class WorkerSettings:
     memory_mb: int = 2048
     device: str = "cpu"  # cpu | cuda | auto
     intra_op_threads: int = 1
+    shared_kv: bool = True  # GroupQueryAttention graphs on CPU keep their KV cache in place (no copy a step)
     watts_per_core: float = 15.0
     gpu_index: int = 0
     heartbeat_s: float = 1.0

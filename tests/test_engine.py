@@ -149,20 +149,30 @@ def test_greedy_matches_transformers(tiny: Tiny, engine: OnnxCausalLM, io_bindin
         bound.close()
 
 
-@pytest.mark.parametrize("io_binding", [False, True])
-def test_a_group_query_attention_graph_is_fed_its_sequence_lengths(tiny_models: dict[str, Tiny], tmp_path: Path,
-                                                                   io_binding: bool) -> None:
-    """The Llama export rewritten by ``workers.fleet.fuse`` takes seqlens_k and total_sequence_length, not a
-    mask: the engine feeds them and generates what the export does."""
+@pytest.fixture(scope="session")
+def fused_llama(tiny_models: dict[str, Tiny], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny Llama export rewritten by ``workers.fleet.fuse`` into a GroupQueryAttention graph."""
     pytest.importorskip("onnx")
     from workers.fleet.fuse import fuse_decoder
 
-    llama = tiny_models["llama"]
-    fused = shutil.copytree(llama.onnx_dir, tmp_path / "fused")
+    fused = shutil.copytree(tiny_models["llama"].onnx_dir, tmp_path_factory.mktemp("gqa") / "fused")
     assert fuse_decoder(fused, PROMPTS, EOS)
-    engine = OnnxCausalLM.load(fused, name="gqa", io_binding=io_binding)
-    export = OnnxCausalLM.load(llama.onnx_dir, name="export", io_binding=io_binding)
+    return fused
+
+
+@pytest.mark.parametrize("mode", ["shared_kv", "copied_kv", "io_binding"])
+def test_a_group_query_attention_graph_is_fed_its_sequence_lengths(tiny_models: dict[str, Tiny], fused_llama: Path,
+                                                                   mode: str) -> None:
+    """The Llama export rewritten by ``workers.fleet.fuse`` takes seqlens_k and total_sequence_length, not a
+    mask: the engine feeds them and generates what the export does, with its KV cache in place (the
+    default on CPU), returned anew each step, or bound step by step."""
+    llama = tiny_models["llama"]
+    engine = OnnxCausalLM.load(fused_llama, name="gqa", io_binding=mode == "io_binding",
+                               shared_kv=mode == "shared_kv")
+    export = OnnxCausalLM.load(llama.onnx_dir, name="export", io_binding=mode == "io_binding")
     try:
+        assert (engine._shared is not None) == (mode == "shared_kv")
+        assert export._shared is None  # an optimum export's cache grows by concatenation: nothing to share
         assert {"seqlens_k", "total_sequence_length"} <= engine._input_names
         assert "attention_mask" not in engine._input_names
         lengths = engine._small_inputs(3, 5)
@@ -177,6 +187,35 @@ def test_a_group_query_attention_graph_is_fed_its_sequence_lengths(tiny_models: 
     finally:
         engine.close()
         export.close()
+
+
+def test_the_shared_kv_cache_grows_and_carries_nothing_between_generations(
+        fused_llama: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Buffers that start too small for a generation grow to fit it (at most the context); a short prompt after
+    a long one, sampling, stop strings and EOS give what a cache returned anew each step gives."""
+    monkeypatch.setattr("workers.engine._SHARED_KV_START", 4)
+    shared = OnnxCausalLM.load(fused_llama, name="shared", shared_kv=True)
+    copied = OnnxCausalLM.load(fused_llama, name="copied", shared_kv=False)
+    try:
+        assert shared._shared is not None and shared._shared.capacity == 4
+        long_prompt = " ".join(PROMPTS * 2)
+        for prompt in [long_prompt, "x", *PROMPTS, long_prompt]:
+            a = shared.generate(prompt, max_new_tokens=MAX_NEW)
+            b = copied.generate(prompt, max_new_tokens=MAX_NEW)
+            assert (a.text, a.tokens_out, a.finish_reason) == (b.text, b.tokens_out, b.finish_reason), prompt
+            assert a.confidence == pytest.approx(b.confidence, abs=1e-6)
+        assert shared._shared.capacity >= len(shared.encode(long_prompt)) + MAX_NEW
+        assert shared.max_context is not None and shared._shared.capacity <= shared.max_context
+        for seed in (1, 2):
+            kwargs: dict[str, Any] = {"max_new_tokens": MAX_NEW, "temperature": 1.3, "seed": seed, "stop": ["7"]}
+            assert shared.generate(PROMPTS[0], **kwargs).text == copied.generate(PROMPTS[0], **kwargs).text
+        assert shared.max_context is not None
+        whole = shared.generate_ids([5], max_new_tokens=shared.max_context)  # up to the context: the largest buffer
+        assert whole == copied.generate_ids([5], max_new_tokens=shared.max_context)
+        assert shared._shared.capacity == shared.max_context
+    finally:
+        shared.close()
+        copied.close()
 
 
 def test_generation_fields(engine: OnnxCausalLM) -> None:

@@ -7,7 +7,10 @@ lengths (``seqlens_k``, ``total_sequence_length``) instead of ``attention_mask``
 ``tokenizers`` and numpy are used at run time: no torch, no transformers.
 
 Inputs are fed by name (GPT-2 and Llama exports order them differently). On CPU each step is a
-plain ``session.run`` with numpy arrays (measured faster here than an ``IOBinding``). On CUDA each
+plain ``session.run`` with numpy arrays, except for GroupQueryAttention graphs: their KV cache lives in
+one preallocated buffer per ``past_key_values.*`` input, bound once (``IOBinding``) as both that input
+and its ``present.*`` output, so each step writes its keys and values in place instead of returning a
+grown copy of the whole cache, and the last logits land in a bound array (``_SharedKv``). On CUDA each
 step goes through an ``IOBinding``: the ``present.*`` outputs stay on the GPU and are bound as the
 next step's ``past_key_values.*``; only the last logits come back to the host.
 """
@@ -45,6 +48,7 @@ _ORT_DTYPES: dict[str, type[np.generic]] = {
     "tensor(float16)": np.float16,
     "tensor(double)": np.float64,
 }
+_SHARED_KV_START = 1024  # positions a shared KV buffer starts with (it grows to the context when asked)
 _CUDA_EP = "CUDAExecutionProvider"
 _CPU_EP = "CPUExecutionProvider"
 
@@ -58,6 +62,83 @@ class _KvSpec:
     kv_heads: int
     head_dim: int
     dtype: type[np.generic]
+
+
+class _SharedKv:
+    """A GroupQueryAttention graph's KV cache in place: one buffer per layer's keys and values, bound as the
+    ``past_key_values.*`` input and as its ``present.*`` output (the op then writes the step's keys and values
+    into it and copies nothing), with the step's token, the two lengths and the logits bound as arrays that
+    each step writes or reads in place.
+
+    The buffers hold ``capacity`` positions and grow (to the model's context at most) when a generation needs
+    more; nothing in them outlives a generation, so growing copies nothing.
+    """
+
+    def __init__(self, session: ort.InferenceSession, kv: _KvSpec, logits: np.ndarray, capacity: int,
+                 limit: int) -> None:
+        self.limit = limit  # the model's context: the buffers never grow past it
+        self.token = np.zeros((1, 1), dtype=np.int64)
+        self.seqlens = np.zeros((1,), dtype=np.int32)  # total length - 1
+        self.total = np.zeros((), dtype=np.int32)
+        self.logits = logits  # [1, 1, vocab] in the graph's logits type
+        self._session = session
+        self._kv = kv
+        self.binding = session.io_binding()
+        self._token_value = ort.OrtValue.ortvalue_from_numpy(self.token)  # wraps the array's memory on CPU
+        self.binding.bind_ortvalue_input("input_ids", self._token_value)
+        self.binding.bind_ortvalue_input("seqlens_k", ort.OrtValue.ortvalue_from_numpy(self.seqlens))
+        self.binding.bind_ortvalue_input("total_sequence_length", ort.OrtValue.ortvalue_from_numpy(self.total))
+        self.binding.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        self._buffers: dict[str, ort.OrtValue] = {}
+        self.capacity = 0
+        self.reserve(capacity)
+
+    def reserve(self, positions: int) -> None:
+        """Make room for ``positions`` positions (prompt + new tokens), at most the model's context."""
+        if positions <= self.capacity:
+            return
+        capacity = min(max(positions, 2 * self.capacity), self.limit)
+        kv = self._kv
+        buffers = {name: ort.OrtValue.ortvalue_from_numpy(np.zeros((1, kv.kv_heads, capacity, kv.head_dim), kv.dtype))
+                   for name in kv.names}
+        for name, value in buffers.items():
+            self.binding.bind_ortvalue_input(name, value)
+        for present, past in kv.present_to_past.items():
+            self.binding.bind_ortvalue_output(present, buffers[past])
+        self._buffers = buffers  # the OrtValues own their arrays' references: keep them alive while bound
+        self.capacity = capacity
+
+    def step(self, input_ids: np.ndarray, position: int) -> np.ndarray:
+        """Run one forward pass over ``input_ids`` at ``position``; returns the last position's logits (a view
+        the next step overwrites)."""
+        seq = int(input_ids.shape[1])
+        total = position + seq
+        self.seqlens[0] = total - 1
+        self.total[()] = total
+        if seq == 1:
+            self.token[0, 0] = input_ids[0, 0]
+            self._session.run_with_iobinding(self.binding)
+        else:  # a prompt: bound for this run only, then the one-token array again
+            self.binding.bind_ortvalue_input("input_ids", ort.OrtValue.ortvalue_from_numpy(input_ids))
+            try:
+                self._session.run_with_iobinding(self.binding)
+            finally:
+                self.binding.bind_ortvalue_input("input_ids", self._token_value)
+        return self.logits[0, 0]
+
+
+def _shared_logits(session: ort.InferenceSession, max_context: int | None) -> np.ndarray | None:
+    """The array a step's logits land in when ``session`` is a GroupQueryAttention graph ``_SharedKv`` can run:
+    the two length inputs and nothing else beside ``input_ids`` and the past, logits of the last position only
+    ([batch, 1, vocab], a float type) and a known context (the buffers' bound); None otherwise."""
+    inputs = {i.name for i in session.get_inputs() if not _PAST_RE.match(i.name)}
+    logits = session.get_outputs()[0]
+    dtype = _ORT_DTYPES.get(logits.type)
+    shape = logits.shape
+    if (inputs != {"input_ids", "seqlens_k", "total_sequence_length"} or max_context is None or dtype is None
+            or len(shape) != 3 or shape[1] != 1 or not isinstance(shape[2], int)):
+        return None
+    return np.zeros((1, 1, shape[2]), dtype=dtype)
 
 
 class OnnxCausalLM:
@@ -82,6 +163,7 @@ class OnnxCausalLM:
         load_s: float,
         gpu_index: int = 0,
         io_binding: bool = False,
+        shared_kv: bool = False,
     ) -> None:
         """Wrap an already built session; use ``OnnxCausalLM.load`` instead."""
         self.name = name
@@ -106,6 +188,10 @@ class OnnxCausalLM:
         self._feeds_seqlens = "seqlens_k" in self._input_names
         self._feeds_total = "total_sequence_length" in self._input_names
         self._io_binding = io_binding
+        self._shared: _SharedKv | None = None
+        logits = _shared_logits(session, max_context) if shared_kv and not io_binding and device == "cpu" else None
+        if logits is not None and max_context is not None:
+            self._shared = _SharedKv(session, kv, logits, min(max_context, _SHARED_KV_START), max_context)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
@@ -121,11 +207,14 @@ class OnnxCausalLM:
         eos_token: str | None = None,
         gpu_index: int = 0,
         io_binding: bool | None = None,
+        shared_kv: bool = True,
     ) -> OnnxCausalLM:
         """Load ``model_dir`` on ``device`` ("cpu", "cuda" or "auto": CUDA when available).
 
         ``gpu_index`` picks the CUDA device; ``io_binding`` keeps the KV cache on the device
         between steps (default: on for CUDA, off for CPU, where plain runs are faster).
+        ``shared_kv`` runs a GroupQueryAttention graph on CPU with its KV cache in place (``_SharedKv``);
+        other graphs, and this one with ``shared_kv=False``, return a new cache each step.
 
         Raises ``EngineLoadError`` naming the file when ``model.onnx``, ``tokenizer.json`` or a
         needed ``config.json`` is missing or unreadable, and ``EngineError`` when CUDA was asked
@@ -175,6 +264,7 @@ class OnnxCausalLM:
             load_s=0.0,
             gpu_index=gpu_index,
             io_binding=(used == "cuda") if io_binding is None else io_binding,
+            shared_kv=shared_kv,
         )
         # One tiny step so lazy allocations (arena, CUDA kernels) happen at load, not at the
         # first query, and show up in the memory measurement.
@@ -266,6 +356,7 @@ class OnnxCausalLM:
         with self._lock:
             if self._session is not None:
                 self._session = None
+                self._shared = None
                 log.info("closed %s", self.name)
 
     def __repr__(self) -> str:
@@ -310,6 +401,8 @@ class OnnxCausalLM:
         past: list[Any] | None = None
         feed = np.asarray([ids], dtype=np.int64)
         position = 0
+        if self._shared is not None:
+            self._shared.reserve(len(ids) + budget)
         while len(out) < budget:
             logits, past = self._step(feed, past, position)
             position += feed.shape[1]
@@ -336,6 +429,8 @@ class OnnxCausalLM:
         session = self._session
         assert session is not None
         try:
+            if self._shared is not None:
+                return self._shared.step(input_ids, position), []
             if self._io_binding:
                 return self._step_bound(session, input_ids, past, position)
             return self._step_plain(session, input_ids, past, position)

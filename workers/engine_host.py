@@ -86,7 +86,8 @@ def _load(request: dict[str, Any]) -> Any:
     from workers.engine import OnnxCausalLM
 
     return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=ws.device,
-                             intra_op_threads=ws.intra_op_threads, eos_token=card.eos_token, gpu_index=ws.gpu_index)
+                             intra_op_threads=ws.intra_op_threads, eos_token=card.eos_token, gpu_index=ws.gpu_index,
+                             shared_kv=ws.shared_kv)
 
 
 def _error(e: BaseException) -> dict[str, Any]:

@@ -59,12 +59,13 @@ class Hosted:
     last_used_ms: float = field(default_factory=lambda: time.time() * 1000)
 
 
-def onnx_engine_factory(device: str, threads: int, gpu_index: int) -> EngineFactory:
-    """Engines for optimum-exported causal LMs on ``device``."""
+def onnx_engine_factory(ws: WorkerSettings) -> EngineFactory:
+    """Engines for optimum-exported causal LMs (and the fleet builder's graphs) as ``ws`` says."""
 
     def load(card: ModelCard, fleet: Fleet) -> Engine:
-        return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=device,
-                                 intra_op_threads=threads, eos_token=card.eos_token, gpu_index=gpu_index)
+        return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=ws.device,
+                                 intra_op_threads=ws.intra_op_threads, eos_token=card.eos_token,
+                                 gpu_index=ws.gpu_index, shared_kv=ws.shared_kv)
 
     return load
 
@@ -92,8 +93,7 @@ class Worker:
         if self.ws.isolation == "process":
             self.factory = isolated_engine_factory(self.ws, logging.getLevelName(log.getEffectiveLevel()))
         else:
-            self.factory = engine_factory or onnx_engine_factory(self.ws.device, self.ws.intra_op_threads,
-                                                                 self.ws.gpu_index)
+            self.factory = engine_factory or onnx_engine_factory(self.ws)
         self.meter: EnergyMeter = make_energy_meter(self.ws.device, self.ws.watts_per_core, self.ws.gpu_index)
         self.device = self.ws.device
         self.hosted: dict[str, Hosted] = {}
