@@ -79,15 +79,10 @@ def _load(request: dict[str, Any]) -> Any:
     card = next((c for c in fleet.models if c.name == request["model"]), None)
     if card is None:
         raise LookupError(f"model {request['model']!r} is not in fleet {fleet.root}")
-    if ws.engine:
-        from workers.worker import load_engine_factory
+    from workers.worker import load_engine_factory, onnx_engine_factory
 
-        return load_engine_factory(ws.engine, ws)(card, fleet)
-    from workers.engine import OnnxCausalLM
-
-    return OnnxCausalLM.load(fleet.model_dir(card), name=card.name, device=ws.device,
-                             intra_op_threads=ws.intra_op_threads, eos_token=card.eos_token, gpu_index=ws.gpu_index,
-                             shared_kv=ws.shared_kv)
+    factory = load_engine_factory(ws.engine, ws) if ws.engine else onnx_engine_factory(ws)
+    return factory(card, fleet)
 
 
 def _error(e: BaseException) -> dict[str, Any]:
