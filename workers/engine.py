@@ -127,15 +127,14 @@ class _SharedKv:
         return self.logits[0, 0]
 
 
-def _shared_logits(session: ort.InferenceSession, max_context: int | None) -> np.ndarray | None:
+def _shared_logits(session: ort.InferenceSession, inputs: frozenset[str], kv: _KvSpec) -> np.ndarray | None:
     """The array a step's logits land in when ``session`` is a GroupQueryAttention graph ``_SharedKv`` can run:
-    the two length inputs and nothing else beside ``input_ids`` and the past, logits of the last position only
-    ([batch, 1, vocab], a float type) and a known context (the buffers' bound); None otherwise."""
-    inputs = {i.name for i in session.get_inputs() if not _PAST_RE.match(i.name)}
+    the two length inputs and nothing else beside ``input_ids`` and the past (``inputs`` are the graph's input
+    names), logits of the last position only ([batch, 1, vocab], a float type); None otherwise."""
     logits = session.get_outputs()[0]
     dtype = _ORT_DTYPES.get(logits.type)
     shape = logits.shape
-    if (inputs != {"input_ids", "seqlens_k", "total_sequence_length"} or max_context is None or dtype is None
+    if (inputs - set(kv.names) != {"input_ids", "seqlens_k", "total_sequence_length"} or dtype is None
             or len(shape) != 3 or shape[1] != 1 or not isinstance(shape[2], int)):
         return None
     return np.zeros((1, 1, shape[2]), dtype=dtype)
@@ -188,10 +187,11 @@ class OnnxCausalLM:
         self._feeds_seqlens = "seqlens_k" in self._input_names
         self._feeds_total = "total_sequence_length" in self._input_names
         self._io_binding = io_binding
-        self._shared: _SharedKv | None = None
-        logits = _shared_logits(session, max_context) if shared_kv and not io_binding and device == "cpu" else None
-        if logits is not None and max_context is not None:
-            self._shared = _SharedKv(session, kv, logits, min(max_context, _SHARED_KV_START), max_context)
+        self._shared: _SharedKv | None = None  # needs a known context: the buffers' bound
+        if shared_kv and not io_binding and device == "cpu" and max_context is not None:
+            logits = _shared_logits(session, self._input_names, kv)
+            if logits is not None:
+                self._shared = _SharedKv(session, kv, logits, min(max_context, _SHARED_KV_START), max_context)
         self._lock = threading.Lock()
 
     # ------------------------------------------------------------------ loading
