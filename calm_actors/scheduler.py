@@ -109,6 +109,7 @@ class Scheduler:
         effects = Effects()
         if isinstance(message, WantModel):
             await self.refresh()
+            await self.refresh_demand()
             self._act(self._place(message.model, reason="wanted by a query"), effects)
         elif isinstance(message, WorkerEvent):
             self.pending.pop((message.worker, message.model), None)
@@ -121,6 +122,7 @@ class Scheduler:
                     del self.visits[message.model]
             if message.event in ("registered", "stopping", "load_failed"):
                 await self.refresh()
+                await self.refresh_demand()
                 self._act(self._replan(), effects)
             log.info("worker %s: %s %s %s", message.worker, message.event, message.model, message.detail)
         return effects
