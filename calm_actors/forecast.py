@@ -20,6 +20,7 @@ class Demand:
         self._counts: dict[str, dict[int, int]] = {}
         self._totals: dict[str, int] = {}
         self.version = 0  # changes whenever a count does
+        self._revised: int | None = None  # the earliest bucket given a new count since ``take_revised``
 
     def bucket(self, t_s: float) -> int:
         return math.floor(t_s / self.bucket_s)
@@ -31,12 +32,29 @@ class Demand:
         buckets[b] = buckets.get(b, 0) + n
         self._totals[model] = self._totals.get(model, 0) + n
         self.version += 1
+        self._revise(b)
 
     def set(self, model: str, buckets: Mapping[int, int]) -> None:
         """Replace ``model``'s history (the live scheduler copies it from the knowledge base)."""
+        old = self._counts.get(model, {})
+        changed = [b for b, n in buckets.items() if old.get(b) != n]
         self._counts[model] = dict(buckets)
         self._totals[model] = sum(buckets.values())
         self.version += 1
+        if changed:
+            self._revise(min(changed))
+
+    def _revise(self, bucket: int) -> None:
+        self._revised = bucket if self._revised is None else min(self._revised, bucket)
+
+    def take_revised(self) -> int | None:
+        """The earliest bucket whose count was added or changed since the last call (None: none was).
+
+        A forecaster that has consumed that bucket already must start again from the history: a count
+        that arrives late (or a history copied in after a forecast began) would otherwise be lost.
+        """
+        revised, self._revised = self._revised, None
+        return revised
 
     def models(self) -> list[str]:
         return sorted(self._counts)

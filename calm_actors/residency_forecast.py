@@ -96,8 +96,14 @@ class ForecastPolicy:
         return out, quiet
 
     def _catch_up(self, models: set[str], now_s: float) -> None:
-        """Feed every completed bucket the forecasters have not seen yet."""
+        """Feed every completed bucket the forecasters have not seen yet; start them again from the history
+        when a count changed in a bucket they have seen (so a forecast depends on the counts, not on when
+        they arrived)."""
         current = self.demand.bucket(now_s)
+        revised = self.demand.take_revised()
+        if revised is not None and self._fed is not None and revised < self._fed:
+            self._forecasters.clear()
+            self._fed = None
         if self._fed is None:
             first = self.demand.first_bucket()
             self._fed = current if first is None else max(min(first, current), current - MAX_HISTORY_BUCKETS)

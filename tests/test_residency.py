@@ -247,6 +247,25 @@ def test_forecast_prefetches_a_model_before_its_predicted_rise() -> None:
         assert make_policy(reactive, settings, demand).plan([slot], mem, 80.0) == []
 
 
+def test_forecast_counts_history_that_arrives_after_it_looked() -> None:
+    """The live scheduler copies demand from the KB; a plan made before the copy (or a count that lands just
+    after its bucket closed) must not lose those counts: the forecast is a function of the counts alone."""
+    settings = SchedulerSettings(bucket_s=10.0, horizon_s=60.0)
+    full = _ramp_demand()
+    late = Demand(10.0)
+    policy = ForecastPolicy(settings, late)
+    assert policy.expected(["a", "c"], now_s=85.0) == {"a": 0.0, "c": 0.0}  # asked before any history arrived
+    for model in ("a", "b", "c"):
+        late.set(model, {b: full.count(model, b) for b in range(8) if full.count(model, b)})
+    truth = ForecastPolicy(settings, full).expected(["a", "b", "c"], now_s=85.0)
+    assert policy.expected(["a", "b", "c"], now_s=85.0) == pytest.approx(truth)
+    assert truth["a"] > 0.0 and truth["c"] > 0.0
+    late.set("a", {**{b: full.count("a", b) for b in range(8)}, 7: 30})  # a late count in a bucket already fed
+    full.add("a", 71.0, n=20)
+    assert policy.expected(["a"], now_s=85.0)["a"] == pytest.approx(
+        ForecastPolicy(settings, full).expected(["a"], now_s=85.0)["a"])
+
+
 def test_forecast_keeps_its_place_without_a_trend_thanks_to_hysteresis() -> None:
     mem = {"a": 1.0, "b": 1.0, "c": 1.0}
     demand = Demand(10.0)
