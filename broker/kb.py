@@ -381,17 +381,20 @@ class KnowledgeBase:
             pipe.expire(key, keep_s)
 
     async def demand(self, models: Iterable[str]) -> dict[str, dict[int, int]]:
-        return await self._buckets([(m, self.names.demand(m)) for m in models])
+        return (await self.demand_and_domains(models, ()))[0]
 
     async def domain_demand(self, domains: Iterable[str]) -> dict[str, dict[int, int]]:
-        return await self._buckets([(d, self.names.domain_demand(d)) for d in domains])
+        return (await self.demand_and_domains((), domains))[1]
 
-    async def _buckets(self, keys: list[tuple[str, str]]) -> dict[str, dict[int, int]]:
+    async def demand_and_domains(self, models: Iterable[str], domains: Iterable[str]
+                                 ) -> tuple[dict[str, dict[int, int]], dict[str, dict[int, int]]]:
+        """Buckets per model and per domain (a model and a domain may share a name), in one round trip."""
+        models, domains = list(models), list(domains)
         pipe = self.client.pipeline(transaction=False)
-        for _, key in keys:
+        for key in [self.names.demand(m) for m in models] + [self.names.domain_demand(d) for d in domains]:
             pipe.hgetall(key)
-        rows = await pipe.execute()
-        return {name: {int(k): int(v) for k, v in row.items()} for (name, _), row in zip(keys, rows, strict=True)}
+        rows = [{int(k): int(v) for k, v in row.items()} for row in await pipe.execute()]
+        return dict(zip(models, rows, strict=False)), dict(zip(domains, rows[len(models):], strict=True))
 
 
 def _ok(result: Any, default: Any) -> Any:

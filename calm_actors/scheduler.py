@@ -91,10 +91,8 @@ class Scheduler:
 
     async def refresh_demand(self) -> None:
         """Copy demand from the KB (a specialist's demand includes its domain's) and what models cost."""
-        names = list(self.models)
-        own = await self.rt.kb.demand(names)
         domains = sorted({m.domain for m in self.models.values() if not m.baseline})
-        by_domain = await self.rt.kb.domain_demand(domains) if domains else {}
+        own, by_domain = await self.rt.kb.demand_and_domains(list(self.models), domains)
         for model, buckets in merge_domain_demand(self.models.values(), own, by_domain).items():
             self.demand.set(model, buckets)
         for name, m in self.models.items():

@@ -239,6 +239,12 @@ async def test_record_demand_buckets(aclient: aioredis.Redis, names: Names) -> N
     assert demand == {"a": {100: 2, 101: 1}, "b": {16: 1}, "never": {}}
     assert 0 < await aclient.ttl(names.demand("a")) <= 3600
     assert 0 < await aclient.ttl(names.demand("b")) <= 120
+    await _run(kb, lambda p: kb.record_demand(p, "code", 1000.0, domain="code"),
+               lambda p: kb.record_demand(p, "generalist", 1010.0, domain="code"))
+    # A model and a domain may share a name; both come back in one round trip, each under its own.
+    own, by_domain = await kb.demand_and_domains(["a", "code"], ["code", "none"])
+    assert own == {"a": {100: 2, 101: 1}, "code": {100: 1}}
+    assert by_domain == {"code": {100: 1, 101: 1}, "none": {}}
 
 
 async def test_exemplars_live_beside_the_card_and_change_its_digest(aclient: aioredis.Redis, names: Names) -> None:
