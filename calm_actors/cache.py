@@ -24,6 +24,7 @@ from broker.errors import DecodeError
 from broker.messages import Query, ReplyCopy
 from broker.names import Names
 from calm_actors.meaning import normalise, same_meaning_parts
+from calm_actors.similarity import column_major
 
 MIRROR_REFRESH_S = 0.5
 CACHED_FIELDS = ("text", "model", "tokens_in", "tokens_out", "confidence", "energy_source", "finish_reason", "domain")
@@ -36,7 +37,7 @@ class _Mirror:
     last_id: str = "0-0"
     vectors: list[np.ndarray] = field(default_factory=list)
     entries: list[dict[str, Any]] = field(default_factory=list)
-    matrix: np.ndarray | None = None  # ``vectors`` stacked, built on first search after a change
+    columns: np.ndarray | None = None  # ``vectors`` by column (``column_major``), made at a search after a change
     nonces: set[str] = field(default_factory=set)  # of ``entries``: this process's stores come back from reads
 
 
@@ -126,9 +127,9 @@ class ResponseCache:
         mirror = self._mirrors.get(domain)
         if mirror is None or not mirror.entries:
             return None
-        if mirror.matrix is None:
-            mirror.matrix = np.stack(mirror.vectors)
-        sims = mirror.matrix @ vector
+        if mirror.columns is None:
+            mirror.columns = column_major(np.stack(mirror.vectors))
+        sims = vector @ mirror.columns
         threshold = self.settings.threshold(domain)
         now = time.time()
         key = params_key(query)
@@ -159,7 +160,7 @@ class ResponseCache:
             mirror.nonces.add(nonce)
         mirror.vectors.append(np.frombuffer(entry.pop("embedding"), dtype=np.float32))
         mirror.entries.append(entry)
-        mirror.matrix = None
+        mirror.columns = None
         cap = self.settings.max_entries_per_domain
         if len(mirror.entries) > cap:
             for dropped in mirror.entries[:-cap]:

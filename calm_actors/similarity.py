@@ -39,23 +39,38 @@ def _fit(embedding: np.ndarray, sims: np.ndarray, total: np.ndarray, total_dot: 
 class StackedProfiles:
     """Every model's profile rows in one matrix, so one product scores a query against the whole fleet.
 
-    ``fits`` returns what ``semantic_fit`` returns for each model, for the cost of one matrix-vector
-    product instead of one per model. Build it once per set of profiles, not per query.
+    ``fits`` returns what ``semantic_fit`` returns for each model, for the cost of one vector-matrix
+    product instead of one per model. Build it once per set of profiles, not per query. The rows are
+    kept as columns (``dim x rows``, contiguous): single-threaded OpenBLAS multiplies a vector by that
+    layout 2-3x faster than a row-major matrix by a vector (see ``column_major``).
     """
 
     def __init__(self, profiles: dict[str, np.ndarray]) -> None:
         self.names = tuple(profiles)
-        self.matrix = np.vstack(list(profiles.values())) if profiles else np.zeros((0, 0), np.float32)
+        matrix = np.vstack(list(profiles.values())) if profiles else np.zeros((0, 0), np.float32)
+        self.columns = column_major(matrix)
         ends = np.cumsum([m.shape[0] for m in profiles.values()], dtype=np.int64).tolist()
         self.bounds = tuple(zip([0, *ends][:-1], ends, strict=True))
-        self.sums = np.vstack([m.sum(axis=0) for m in profiles.values()]) if profiles else self.matrix
+        self.sums = np.vstack([m.sum(axis=0) for m in profiles.values()]) if profiles else matrix
+        self._sum_columns = column_major(self.sums)
         self.index = {name: i for i, name in enumerate(self.names)}
 
     def fits(self, embedding: np.ndarray, learned: dict[str, np.ndarray]) -> dict[str, float]:
         """Each model's cosine fit; ``learned`` rows (by model) join their model's profile."""
         if not self.names:
             return {}
-        sims = self.matrix @ embedding
-        centre = self.sums @ embedding
+        sims = embedding @ self.columns
+        centre = embedding @ self._sum_columns
         return {name: _fit(embedding, sims[start:end], self.sums[i], float(centre[i]), learned.get(name))
                 for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True))}
+
+
+def column_major(rows: np.ndarray) -> np.ndarray:
+    """``rows`` transposed into contiguous memory, for ``vector @ column_major(rows)`` (= ``rows @ vector``).
+
+    The product reads every element once either way, but with one BLAS thread (CALM's processes set
+    ``OPENBLAS_NUM_THREADS=1``) OpenBLAS's kernel for this layout runs 2-3x faster: measured 2026-11-30
+    on a 2-core AMD EPYC, 10,269 x 384 float32 profile rows, 0.42-0.67 ms against 0.74-1.56 ms warm and
+    1.1-1.3 against 1.7-2.1 ms after the caches were flushed.
+    """
+    return np.ascontiguousarray(rows.T, dtype=np.float32)

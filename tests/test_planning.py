@@ -29,7 +29,7 @@ from calm_actors.scoring import (
     DEFAULT_MS_PER_TOKEN,
     predict,
 )
-from calm_actors.similarity import CENTROID_WEIGHT, StackedProfiles, semantic_fit
+from calm_actors.similarity import CENTROID_WEIGHT, StackedProfiles, column_major, semantic_fit
 
 W = PlannerSettings()
 
@@ -442,3 +442,12 @@ def test_exploration_probes_only_models_that_fit_the_query() -> None:
     decision = UtilityStrategy(w).choose(_q(), [fresh_best, unrelated, neighbour],
                                          now_s=1000)
     assert decision is not None and decision.explored and decision.model == "generalist"
+
+
+def test_column_major_products_equal_row_products() -> None:
+    rng = np.random.default_rng(5)
+    rows = rng.standard_normal((300, 16)).astype(np.float32)
+    vector = rng.standard_normal(16).astype(np.float32)
+    columns = column_major(rows)
+    assert columns.shape == (16, 300) and columns.flags.c_contiguous and columns.dtype == np.float32
+    np.testing.assert_allclose(vector @ columns, rows @ vector, rtol=1e-5, atol=1e-5)
