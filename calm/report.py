@@ -75,9 +75,10 @@ ROUTE_STAGES = (("claim", "", "at_monitor_ms"), ("embed", "at_monitor_ms", "at_e
 def route_split(ok: list[dict[str, Any]]) -> dict[str, float | None]:
     """Median time of each route stage over the replies that ran a model and carry every mark.
 
-    claim: ingress to the monitor's claim; embed: what is left of the embedding after the claim (it starts
-    with the claim's round trip); analyze: hop and scoring; plan: hop and decision;
-    dispatch: hop, cache lookup and dispatch. Stages sum to route_ms query by query, not median by median.
+    claim: ingress to the monitor sending its claim (the hop and validation); embed: the embedding, which
+    runs while the claim's round trip travels, and that round trip's end; analyze: hop and scoring; plan:
+    hop and decision; dispatch: hop, cache lookup and dispatch. Stages sum to route_ms query by query, not
+    median by median.
     """
     marks = [r["reply"] for r in ok if r["reply"].get("cached") in ("0", 0, False)
              and all(r["reply"].get(m) not in (None, "") for _, _, m in ROUTE_STAGES)]

@@ -1,4 +1,4 @@
-"""Prompt embeddings remembered in a bounded LRU; misses are embedded in the embedder's own thread."""
+"""Prompt embeddings remembered in a bounded LRU; misses are embedded in the caller's thread or the embedder's own."""
 
 from __future__ import annotations
 
@@ -41,6 +41,17 @@ class EmbeddingMemo:
     def __contains__(self, prompt: str) -> bool:
         return normalise(prompt) in self._vectors
 
+    def now(self, prompts: Sequence[str]) -> list[PromptVector]:
+        """Each prompt's vector, the prompts not remembered embedded in one batch in the calling thread.
+
+        For a query's path: no hand-off to a thread and back (each a wake-up, slow on an idle machine).
+        Raises what the embedder raised (and then nothing new is remembered).
+        """
+        keys = [normalise(p) for p in prompts]
+        known = {key: self._vectors[key] for key in keys if key in self._vectors}
+        missing = sorted(set(keys) - set(known))
+        return self._remember(keys, known, missing, self._embed(missing) if missing else None)
+
     def get(self, prompts: Sequence[str]) -> Awaitable[list[PromptVector]]:
         """Each prompt's vector; the prompts not remembered are embedded in one batch in the
         embedder's thread, which starts at this call (await the result later to overlap other work with it).
@@ -53,11 +64,16 @@ class EmbeddingMemo:
 
     async def _collect(self, keys: list[str], known: dict[str, PromptVector], missing: list[str],
                        running: asyncio.Future[tuple[np.ndarray, np.ndarray]] | None) -> list[PromptVector]:
-        """The vectors of ``keys`` (those ``known`` when ``get`` was called, the ``missing`` ones when
-        ``running`` is done), every one of them made the most recently used."""
+        """The vectors of ``keys`` once ``running`` (the embedding of ``missing``) is done."""
+        return self._remember(keys, known, missing, await running if running is not None else None)
+
+    def _remember(self, keys: list[str], known: dict[str, PromptVector], missing: list[str],
+                  embedded: tuple[np.ndarray, np.ndarray] | None) -> list[PromptVector]:
+        """The vectors of ``keys`` (those ``known`` before, the ``missing`` ones from ``embedded``), every one of
+        them made the most recently used."""
         vectors = dict(known)
-        if running is not None:
-            matrix, whole = await running
+        if embedded is not None:
+            matrix, whole = embedded
             for key, vector, fits in zip(missing, matrix, whole, strict=True):
                 vectors[key] = PromptVector(np.ascontiguousarray(vector, dtype=np.float32).tobytes(), bool(fits))
         for key in keys:

@@ -6,7 +6,7 @@ import asyncio
 import hashlib
 import logging
 import time
-from collections.abc import Awaitable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
@@ -34,6 +34,7 @@ from calm_actors.tuning import Tuning
 log = logging.getLogger(__name__)
 PROFILE_REFRESH_S = 1.0
 EMBEDDING_CACHE = 10_000  # prompts whose embedding the monitor keeps (repeats skip the embedder)
+SEND_YIELDS = 3  # loop turns a pipeline on a pooled connection needs to write its commands (redis-py 8: 2)
 
 
 class Monitor:
@@ -50,7 +51,6 @@ class Monitor:
         # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self.embeddings = EmbeddingMemo(self.embedder.embed_marked, self._pool, EMBEDDING_CACHE)
-        self._background: set[asyncio.Future[object]] = set()  # embeddings nobody waits for (kept referenced)
         self._known_models: set[str] = set()
         self._classifier_digest = ""
         self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
@@ -84,60 +84,42 @@ class Monitor:
         valid = await self._drop_unknown_models(entries, valid, effects)
         if not valid:
             return effects
-        # The embedder's thread starts on the prompts now, while idempotency claims and exact-cache lookups
-        # for the whole batch go out in one round trip. A duplicate's or an exact hit's prompt was usually
-        # seen by this monitor before (the memo answers it); when not (a restart, another monitor's cache
-        # entry), it is embedded for nothing, off the query's path when the batch holds no new query.
-        embedding = self.embeddings.get([q.prompt for _, q in valid])
+        # Idempotency claims and exact-cache lookups for the whole batch go out in one round trip, and the
+        # prompts are embedded here, in this thread, while it travels: handing them to a thread and back
+        # costs two wake-ups, slow on a machine idle between queries. A duplicate's or an exact hit's prompt
+        # was usually seen by this monitor before (the memo answers it); when not, it is embedded for nothing.
         pipe = self.rt.client.pipeline(transaction=False)
         keys = [self.cache.exact_key(query) for _, query in valid]
         for (_, query), key in zip(valid, keys, strict=True):
             self.replies.claim(pipe, query.id, query.entry_id, query.reply_to)
             if key is not None:
                 pipe.get(key)
+        sending = asyncio.ensure_future(pipe.execute())
+        await _let_it_send()
+        claimed = time.time() * 1000
         try:
-            results = iter(await pipe.execute())
+            vectors = self.embeddings.now([q.prompt for _, q in valid])
         except BaseException:
-            await asyncio.gather(embedding, return_exceptions=True)  # collected, so nothing is left running
+            await asyncio.gather(sending, return_exceptions=True)  # collected, so nothing is left running
             raise
-        fresh: list[tuple[int, Query]] = []
-        stamp = time.time() * 1000
-        for (i, query), key in zip(valid, keys, strict=True):
+        results = iter(await sending)
+        embedded = time.time() * 1000
+        for (i, query), key, vector in zip(valid, keys, vectors, strict=True):
             claim = ReplyBook.parse_claim(next(results))
             cached = self._exact_entry(next(results)) if key is not None else b""
             if claim.state == "new" and cached:
                 # Answered from the exact cache: the later stages pass it along without scoring or dispatch.
-                message = Embedded(query=query, embedding=b"", stamps={"monitor_ms": stamp}, exact_hit=cached)
+                message = Embedded(query=query, embedding=b"", stamps={"monitor_ms": claimed}, exact_hit=cached)
                 effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
             elif claim.state == "new":
-                fresh.append((i, query))
+                message = Embedded(query=query, embedding=vector.vector, embedding_truncated=not vector.whole,
+                                   stamps={"monitor_ms": claimed, "embedded_ms": embedded})
+                effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
             elif claim.state == "done" and claim.reply is not None:
                 reply = claim.reply
                 effects[i].call(partial(self.replies.resend, reply_to=query.reply_to, reply=reply))
             # "wait": the first copy is in flight; its delivery also answers this reply stream.
-        if not fresh:  # hits and duplicates only: nobody waits for their vectors, the memo keeps them
-            self._in_background(embedding)
-            return effects
-        by_entry = dict(zip((i for i, _ in valid), await embedding, strict=True))
-        embedded = time.time() * 1000
-        for i, query in fresh:
-            vector = by_entry[i]
-            message = Embedded(query=query, embedding=vector.vector, embedding_truncated=not vector.whole,
-                               stamps={"monitor_ms": stamp, "embedded_ms": embedded})
-            effects[i].xadd(self.names.analyze, encode(message), maxlen=self.settings.streams.maxlen)
         return effects
-
-    def _in_background(self, work: Awaitable[object]) -> None:
-        """Let ``work`` finish without waiting for it (a failure is logged: the next use embeds again)."""
-        task = asyncio.ensure_future(work)
-        self._background.add(task)
-
-        def done(finished: asyncio.Future[object]) -> None:
-            self._background.discard(finished)
-            if not finished.cancelled() and finished.exception() is not None:
-                log.warning("embedding prompts in the background failed: %s", finished.exception())
-
-        task.add_done_callback(done)
 
     @staticmethod
     def _exact_entry(raw: Any) -> bytes:
@@ -295,3 +277,12 @@ async def start(rt: ProcessRuntime, fleet_dir: Path) -> Monitor:
     await monitor.refresh_profiles()
     monitor.install()
     return monitor
+
+
+async def _let_it_send() -> None:
+    """Give a just-started pipeline the loop turns it needs to write its commands before the loop blocks.
+
+    When it needs more (a new connection), its round trip starts after the blocking work: slower, not wrong.
+    """
+    for _ in range(SEND_YIELDS):
+        await asyncio.sleep(0)

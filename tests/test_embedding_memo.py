@@ -124,3 +124,27 @@ async def test_the_memo_says_which_prompts_were_embedded_whole(tiny_fleet: Path,
     fits, cut = await memo.get(["12+7=", long])
     assert fits.whole and not cut.whole
     assert (await memo.get([long]))[0] == cut  # remembered with its mark
+
+
+async def test_now_embeds_in_the_calling_thread_and_shares_the_memo_with_get(real_embedder: SentenceEmbedder,
+                                                                            pool: ThreadPoolExecutor) -> None:
+    threads: list[int] = []
+
+    class Recording(CountingEmbedder):
+        def __call__(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+            threads.append(threading.get_ident())
+            return super().__call__(texts)
+
+    counting = Recording(real_embedder)
+    memo = EmbeddingMemo(counting, pool, capacity=8)
+    vectors = memo.now(["12+30=", " 12+30= ", "Sort: 5 3 9"])
+    assert threads == [threading.get_ident()]  # no hand-off to the pool
+    expected = real_embedder.embed(["12+30=", "12+30=", "Sort: 5 3 9"])
+    for got, want in zip(vectors, expected, strict=True):
+        np.testing.assert_allclose(np.frombuffer(got.vector, dtype=np.float32), want, rtol=1e-4, atol=1e-5)
+    assert (await memo.get(["12+30="]))[0] == vectors[0]  # remembered: get does not embed it again
+    assert counting.calls == [sorted({"12+30=", "Sort: 5 3 9"})]
+    counting.fail = True
+    with pytest.raises(RuntimeError, match="embedder broke"):
+        memo.now(["7+7="])
+    assert "7+7=" not in memo and len(memo) == 2
