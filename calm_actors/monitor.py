@@ -47,8 +47,10 @@ class Monitor:
         self.embedder = SentenceEmbedder(embedder_dir(fleet_dir), max_tokens=rt.settings.ingress.embed_tokens)
         self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
+        # Profiles (thousands of texts, seconds) are embedded in this thread; queries on the event loop
+        # (``EmbeddingMemo.now``), so they never wait behind a profile. The session runs both at once.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
-        # Training the classifier takes seconds: its own thread, so query embedding never queues behind it.
+        # Training the classifier takes seconds: its own thread too.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
         self.embeddings = EmbeddingMemo(self.embedder.embed_marked, self._pool, EMBEDDING_CACHE)
         self._known_models: set[str] = set()
