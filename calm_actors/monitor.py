@@ -48,11 +48,11 @@ class Monitor:
         self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
         # Profiles (thousands of texts, seconds) are embedded in this thread; queries on the event loop
-        # (``EmbeddingMemo.now``), so they never wait behind a profile. The session runs both at once.
+        # (``EmbeddingMemo.vectors``), so they never wait behind a profile. The session runs both at once.
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embed")
         # Training the classifier takes seconds: its own thread too.
         self._train_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="train")
-        self.embeddings = EmbeddingMemo(self.embedder.embed_marked, self._pool, EMBEDDING_CACHE)
+        self.embeddings = EmbeddingMemo(self.embedder.embed_marked, EMBEDDING_CACHE)
         self._known_models: set[str] = set()
         self._classifier_digest = ""
         self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
@@ -100,7 +100,7 @@ class Monitor:
         await _let_it_send()
         claimed = time.time() * 1000
         try:
-            vectors = self.embeddings.now([q.prompt for _, q in valid])
+            vectors = self.embeddings.vectors([q.prompt for _, q in valid])
         except BaseException:
             await asyncio.gather(sending, return_exceptions=True)  # collected, so nothing is left running
             raise
