@@ -394,7 +394,7 @@ class KnowledgeBase:
         for key in [self.names.demand(m) for m in models] + [self.names.domain_demand(d) for d in domains]:
             pipe.hgetall(key)
         rows = [{int(k): int(v) for k, v in row.items()} for row in await pipe.execute()]
-        return dict(zip(models, rows, strict=False)), dict(zip(domains, rows[len(models):], strict=True))
+        return dict(zip(models, rows[:len(models)], strict=True)), dict(zip(domains, rows[len(models):], strict=True))
 
 
 def _ok(result: Any, default: Any) -> Any:

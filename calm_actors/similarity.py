@@ -52,7 +52,6 @@ class StackedProfiles:
         ends = np.cumsum([m.shape[0] for m in profiles.values()], dtype=np.int64).tolist()
         self.bounds = tuple(zip([0, *ends][:-1], ends, strict=True))
         self.sums = np.vstack([m.sum(axis=0) for m in profiles.values()]) if profiles else matrix
-        self._sum_columns = column_major(self.sums)
         self.index = {name: i for i, name in enumerate(self.names)}
 
     def fits(self, embedding: np.ndarray, learned: dict[str, np.ndarray]) -> dict[str, float]:
@@ -60,7 +59,7 @@ class StackedProfiles:
         if not self.names:
             return {}
         sims = embedding @ self.columns
-        centre = embedding @ self._sum_columns
+        centre = self.sums @ embedding  # one row per model: too small for the layout to matter
         return {name: _fit(embedding, sims[start:end], self.sums[i], float(centre[i]), learned.get(name))
                 for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True))}
 
