@@ -12,6 +12,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from calm.loadgen import Run
 from workers.energy import DEFAULT_WATTS_PER_CORE
 from workers.fleet.quality import metric_for, score
@@ -112,6 +114,62 @@ def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
     return out
 
 
+BOOTSTRAP_SAMPLES = 2000
+BOOTSTRAP_SEED = 20261206
+
+
+def paired_change_intervals(base: Run, other: Run, samples: int = BOOTSTRAP_SAMPLES,
+                            seed: int = BOOTSTRAP_SEED) -> dict[str, Any]:
+    """95 % intervals of ``other``'s change against ``base`` in % (p50 latency, mean energy per query).
+
+    A paired bootstrap over the workload's queries: each resample draws query positions with
+    replacement and takes both runs' replies at those positions, so the domain mix moves together in
+    both. It measures how much a run's figure depends on which queries it happened to get, not how much
+    the machine drifts between runs (run the bench again for that). Deterministic for a given ``seed``;
+    a query without an ok reply counts in neither figure, as in the report's stats.
+    """
+    if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
+        raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(base.items), size=(samples, len(base.items))) if base.items else None
+    out: dict[str, Any] = {"method": f"paired bootstrap over queries, {samples} resamples", "samples": samples}
+    for key, field_name in (("latency_p50_ms", "latency_ms"), ("energy_j_per_query", "energy_j")):
+        was, now = _reply_values(base, field_name), _reply_values(other, field_name)
+        if picks is None or np.isnan(was).all() or np.isnan(now).all():
+            out[key] = [None, None]
+            continue
+        if key == "latency_p50_ms":
+            stat_was, stat_now = _nearest_rank_medians(was[picks]), _nearest_rank_medians(now[picks])
+        else:
+            with np.errstate(invalid="ignore"):
+                stat_was, stat_now = np.nanmean(was[picks], axis=1), np.nanmean(now[picks], axis=1)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            change = 100.0 * (stat_now - stat_was) / stat_was
+        change = change[np.isfinite(change)]
+        out[key] = ([round(float(np.percentile(change, 2.5)), 1), round(float(np.percentile(change, 97.5)), 1)]
+                    if change.size else [None, None])
+    return out
+
+
+def _reply_values(run: Run, field_name: str) -> np.ndarray:
+    """``field_name`` of each query's ok reply in workload order (NaN where there is none)."""
+    values = []
+    for qid in run.ids:
+        reply = run.replies.get(qid)
+        raw = reply.get(field_name) if reply and reply.get("status") == "ok" else None
+        values.append(float(raw) if raw not in (None, "") else math.nan)
+    return np.asarray(values, dtype=np.float64)
+
+
+def _nearest_rank_medians(rows: np.ndarray) -> np.ndarray:
+    """Each row's median as :func:`percentile` takes it (nearest rank, NaNs left out); NaN for an empty row."""
+    ordered = np.sort(rows, axis=1)  # NaNs sort last
+    counts = np.count_nonzero(~np.isnan(rows), axis=1)
+    ranks = np.clip(np.round(0.5 * counts + 0.5).astype(np.int64) - 1, 0, None)
+    medians = np.take_along_axis(ordered, ranks[:, None], axis=1)[:, 0]
+    return np.where(counts > 0, medians, np.nan)
+
+
 def item_qualities(run: Run) -> list[float]:
     """Each query's quality in workload order (a query without an ok reply scores as an empty answer)."""
     out = []
@@ -176,7 +234,8 @@ def change_pct(new: float | None, base: float | None) -> float | None:
 def comparison(strategies: dict[str, Any], baseline: str = "single", runs: dict[str, Run] | None = None
                ) -> dict[str, Any]:
     """Each strategy's change against ``baseline`` in %, overall and per domain; given the ``runs``, each
-    domain also gets ``quality_paired`` (:func:`paired_quality`)."""
+    domain also gets ``quality_paired`` (:func:`paired_quality`) and the strategy ``intervals`` of its
+    overall latency and energy changes (:func:`paired_change_intervals`)."""
     base = strategies.get(baseline)
     if base is None:
         return {}
@@ -192,6 +251,7 @@ def comparison(strategies: dict[str, Any], baseline: str = "single", runs: dict[
         if runs is not None and name in runs and baseline in runs:
             for domain, paired in paired_quality(runs[baseline], runs[name]).items():
                 out[name]["domains"].setdefault(domain, {})["quality_paired"] = paired
+            out[name]["intervals"] = paired_change_intervals(runs[baseline], runs[name])
     return out
 
 
@@ -294,8 +354,29 @@ def markdown(report: dict[str, Any]) -> str:
               "J all-in = J/query + the control plane's share: CPU seconds of the five actor processes (monitor, "
               "analyzer, planner, executor, scheduler) during the run × watts per core ÷ replies (an estimate).",
               "Quality: exact match (arithmetic, sorting) or chrF/100 (code, prose) on held-out prompts.", ""]
+    lines += _interval_lines(report)
     lines += _paired_section(report)
     return "\n".join(lines)
+
+
+def _interval_lines(report: dict[str, Any]) -> list[str]:
+    """One line per strategy: its overall Δp50 and ΔJ against `single` with their 95 % intervals."""
+    lines = []
+    for name, change in report.get("comparison", {}).items():
+        intervals = change.get("intervals")
+        if not intervals:
+            continue
+        parts = []
+        for key, label in (("latency_p50_ms", "Δp50"), ("energy_j_per_query", "ΔJ")):
+            low, high = intervals.get(key, [None, None])
+            value = change.get("overall", {}).get(key)
+            bounds = "" if low is None else f" ({low:+.1f} to {high:+.1f} %)"
+            parts.append(f"{label} {_pct(value)}{bounds}")
+        lines.append(f"`{name}` against `single`: " + ", ".join(parts) + ".")
+    if not lines:
+        return []
+    return [*lines, "", "In brackets: 95 % intervals from a paired bootstrap over this run's queries (how much "
+            "the figure depends on which queries came; machine drift between runs is not in them).", ""]
 
 
 def _paired_section(report: dict[str, Any]) -> list[str]:
@@ -326,3 +407,6 @@ def print_table(report: dict[str, Any]) -> None:
     console = Console()
     console.width = max(console.width, 130)
     console.print(table)
+    for line in _interval_lines(report):
+        if line:
+            console.print(line.replace("`", ""), highlight=False)
