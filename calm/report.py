@@ -88,6 +88,12 @@ def route_split(ok: list[dict[str, Any]]) -> dict[str, float | None]:
             for stage, start, end in ROUTE_STAGES}
 
 
+def _check_same_workload(base: Run, other: Run) -> None:
+    """Refuse to pair two runs that did not send the same prompts in the same order."""
+    if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
+        raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
+
+
 def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
     """Quality of ``other`` minus ``base`` per domain, query by query (both ran the same workload).
 
@@ -95,8 +101,7 @@ def paired_quality(base: Run, other: Run) -> dict[str, dict[str, Any]]:
     interval lies wholly below zero (``lower``), above it (``higher``) or spans it (``no difference found``,
     which is not proof of equality: see the interval's width).
     """
-    if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
-        raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
+    _check_same_workload(base, other)
     diffs: dict[str, list[float]] = {}
     for item, was, now in zip(base.items, item_qualities(base), item_qualities(other), strict=True):
         diffs.setdefault(item.domain, []).append(now - was)
@@ -128,8 +133,7 @@ def paired_change_intervals(base: Run, other: Run, samples: int = BOOTSTRAP_SAMP
     the machine drifts between runs (run the bench again for that). Deterministic for a given ``seed``;
     a query without an ok reply counts in neither figure, as in the report's stats.
     """
-    if [i.prompt for i in base.items] != [i.prompt for i in other.items]:
-        raise ValueError(f"{other.strategy} and {base.strategy} did not run the same workload")
+    _check_same_workload(base, other)
     rng = np.random.default_rng(seed)
     picks = rng.integers(0, len(base.items), size=(samples, len(base.items))) if base.items else None
     out: dict[str, Any] = {"method": f"paired bootstrap over queries, {samples} resamples", "samples": samples}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from calm.loadgen import Run
@@ -84,3 +85,18 @@ def test_comparison_and_markdown_carry_the_intervals() -> None:
     assert "intervals" not in comparison(reports)["calm"]
     text = markdown({"strategies": reports, "comparison": change, "fleet": {}, "machine": {}})
     assert "`calm` against `single`: Δp50 -60.0% (-60.0 to -60.0 %), ΔJ -75.0% (-75.0 to -75.0 %)." in text
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 40, 41])
+def test_the_bootstrap_medians_are_the_reports_percentile(n: int) -> None:
+    from calm.report import _nearest_rank_medians
+
+    rng = np.random.default_rng(n)
+    rows = rng.uniform(1, 100, size=(30, n))
+    rows[rng.uniform(size=rows.shape) < 0.2] = np.nan  # failed queries
+    for row, got in zip(rows, _nearest_rank_medians(rows), strict=True):
+        kept = [float(v) for v in row if not np.isnan(v)]
+        if kept:
+            assert got == pytest.approx(percentile(kept, 50), abs=1e-3)
+        else:
+            assert np.isnan(got)
