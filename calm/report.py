@@ -134,20 +134,16 @@ def paired_change_intervals(base: Run, other: Run, samples: int = BOOTSTRAP_SAMP
     a query without an ok reply counts in neither figure, as in the report's stats.
     """
     _check_same_workload(base, other)
-    rng = np.random.default_rng(seed)
-    picks = rng.integers(0, len(base.items), size=(samples, len(base.items))) if base.items else None
-    out: dict[str, Any] = {"method": f"paired bootstrap over queries, {samples} resamples", "samples": samples}
+    out: dict[str, Any] = {"method": f"paired bootstrap over queries, {samples} resamples", "samples": samples,
+                           "latency_p50_ms": [None, None], "energy_j_per_query": [None, None]}
+    if not base.items:
+        return out
+    picks = np.random.default_rng(seed).integers(0, len(base.items), size=(samples, len(base.items)))
     for key, field_name in (("latency_p50_ms", "latency_ms"), ("energy_j_per_query", "energy_j")):
-        was, now = _reply_values(base, field_name), _reply_values(other, field_name)
-        if picks is None or np.isnan(was).all() or np.isnan(now).all():
-            out[key] = [None, None]
-            continue
-        if key == "latency_p50_ms":
-            stat_was, stat_now = _nearest_rank_medians(was[picks]), _nearest_rank_medians(now[picks])
-        else:
-            with np.errstate(invalid="ignore"):
-                stat_was, stat_now = np.nanmean(was[picks], axis=1), np.nanmean(now[picks], axis=1)
-        with np.errstate(divide="ignore", invalid="ignore"):
+        was, now = _reply_values(base, field_name)[picks], _reply_values(other, field_name)[picks]
+        summary = _nearest_rank_medians if key == "latency_p50_ms" else _means
+        with np.errstate(divide="ignore", invalid="ignore"):  # a resample of failed queries only: NaN, dropped
+            stat_was, stat_now = summary(was), summary(now)
             change = 100.0 * (stat_now - stat_was) / stat_was
         change = change[np.isfinite(change)]
         out[key] = ([round(float(np.percentile(change, 2.5)), 1), round(float(np.percentile(change, 97.5)), 1)]
@@ -163,6 +159,12 @@ def _reply_values(run: Run, field_name: str) -> np.ndarray:
         raw = reply.get(field_name) if reply and reply.get("status") == "ok" else None
         values.append(float(raw) if raw not in (None, "") else math.nan)
     return np.asarray(values, dtype=np.float64)
+
+
+def _means(rows: np.ndarray) -> np.ndarray:
+    """Each row's mean over its non-NaN values (NaN for a row of NaNs, without numpy's empty-slice warning)."""
+    kept = ~np.isnan(rows)
+    return np.where(kept, rows, 0.0).sum(axis=1) / kept.sum(axis=1)
 
 
 def _nearest_rank_medians(rows: np.ndarray) -> np.ndarray:

@@ -100,3 +100,18 @@ def test_the_bootstrap_medians_are_the_reports_percentile(n: int) -> None:
             assert got == pytest.approx(percentile(kept, 50), abs=1e-3)
         else:
             assert np.isnan(got)
+
+
+def test_resamples_without_an_ok_reply_are_dropped_quietly() -> None:
+    import warnings
+
+    items = _items(20)
+    base = _run("single", items, [10.0] * 20, [0.1] * 20)
+    other = _run("calm", items, [4.0] * 20, [0.02] * 20)
+    for qid in other.ids[1:]:  # one ok reply: about a third of the resamples miss it
+        other.replies[qid] = {"status": "error"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        got = paired_change_intervals(base, other)
+    assert got["latency_p50_ms"] == [-60.0, -60.0]
+    assert got["energy_j_per_query"] == [-80.0, -80.0]

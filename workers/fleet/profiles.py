@@ -167,7 +167,7 @@ def demo() -> FleetRecipe:
         exemplars_per_model=2048,  # the domain classifier separates code from prose better the more it sees
         # One of MiniLM's six layers: held-out routing with the domain classifier as accurate as with two or
         # six (2026-12-06, 500 drawn prompts per text domain: code 96.6 %, prose 99.2 % with one layer and
-        # with two) for a quarter less embedding time per query than two layers (half of six's).
+        # with two) for a quarter less embedding time per query than two layers (which took half of six's).
         embedder_layers=1,
     )
 
