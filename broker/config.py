@@ -93,11 +93,16 @@ class PlannerSettings:
     classifier_weight: float = 0.7  # share of a specialist's fit given by the domain classifier (0: cosine only)
     classifier_temperature: float = 0.1  # softmax temperature over the classifier's scores
     classifier_ridge: float = 0.5  # ridge penalty when the monitor trains the classifier
+    # The analyzer's scan of every profile row runs on the rows' first principal axes, then scores each
+    # model's nearest candidates exactly (read at start; 0: one exact pass over every row). See the README.
+    profile_rank: int = 128
     max_queue_per_model: int = 256  # backpressure: a model with this much work waiting takes no more
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.quality_tolerance <= 1.0:
             raise ConfigError(f"planner.quality_tolerance must be within [0, 1], got {self.quality_tolerance}")
+        if self.profile_rank < 0:
+            raise ConfigError(f"planner.profile_rank must be 0 (exact) or a positive rank, got {self.profile_rank}")
 
 
 @dataclass(frozen=True, slots=True)

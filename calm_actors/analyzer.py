@@ -32,7 +32,8 @@ class Analyzer:
         self.rt = rt
         self.names = rt.names
         self.settings = rt.settings
-        self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s, scores=True))
+        self.live = LiveView(ViewLoader(rt.kb, rt.settings.scheduler.worker_timeout_s, scores=True,
+                                        profile_rank=rt.settings.planner.profile_rank))
         self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
 

@@ -41,7 +41,8 @@ class FleetView:
 class ProfileCache:
     """Routing profiles by model, re-read from the KB only when a model's profile digest changes."""
 
-    def __init__(self) -> None:
+    def __init__(self, rank: int = 0) -> None:
+        self.rank = rank  # the stacked profiles' first pass (``StackedProfiles``; 0: exact)
         self._matrices: dict[str, tuple[str, np.ndarray]] = {}
         self._stacked: tuple[tuple[tuple[str, str], ...], StackedProfiles] | None = None
 
@@ -49,7 +50,8 @@ class ProfileCache:
         """All cached profiles in one matrix (rebuilt only when the set of profiles has changed)."""
         key = tuple(sorted((n, d) for n, (d, _) in self._matrices.items()))
         if self._stacked is None or self._stacked[0] != key:
-            self._stacked = (key, StackedProfiles({n: m for n, (_, m) in sorted(self._matrices.items())}))
+            profiles = {n: m for n, (_, m) in sorted(self._matrices.items())}
+            self._stacked = (key, StackedProfiles(profiles, self.rank))
         return self._stacked[1]
 
     async def matrices(self, kb: KnowledgeBase, states: dict[str, ModelState]) -> dict[str, np.ndarray]:
@@ -93,13 +95,14 @@ class ViewLoader:
     profiles and the classifier again only when their digests change.
 
     A loader that `scores` also gives its views the classifier and the stacked profiles (a second copy of
-    every profile that views which only plan do not need).
+    every profile that views which only plan do not need), scanned with ``profile_rank`` (``StackedProfiles``).
     """
 
-    def __init__(self, kb: KnowledgeBase, worker_timeout_s: float, scores: bool = False) -> None:
+    def __init__(self, kb: KnowledgeBase, worker_timeout_s: float, scores: bool = False,
+                 profile_rank: int = 0) -> None:
         self.kb = kb
         self.worker_timeout_s = worker_timeout_s
-        self.profiles = ProfileCache()
+        self.profiles = ProfileCache(profile_rank)
         self.classifiers = ClassifierCache() if scores else None
         self._last: FleetSnapshot | None = None
 

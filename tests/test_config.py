@@ -175,6 +175,7 @@ def test_toml_native_types_are_accepted(tmp_path: Path) -> None:
         ({"CALM_PLANNER_W_FIT": "heavy"}, "planner.w_fit"),
         ({"CALM_QOS_WINDOW": "none"}, "qos.window"),
         ({"CALM_PLANNER_QUALITY_TOLERANCE": "1.5"}, "planner.quality_tolerance"),
+        ({"CALM_PLANNER_PROFILE_RANK": "-1"}, "planner.profile_rank"),
     ],
 )
 def test_bad_env_values_raise_config_error_naming_the_key(env: dict[str, str], key: str) -> None:

@@ -40,6 +40,17 @@ async def test_profiles_are_cached_by_digest(aclient: aioredis.Redis, names: Nam
     assert np.array_equal(view.models["m"].profile, second)
 
 
+async def test_a_scoring_view_stacks_the_profiles_with_the_configured_rank(aclient: aioredis.Redis,
+                                                                            names: Names) -> None:
+    kb = KnowledgeBase(aclient, names)
+    rows = np.random.default_rng(0).normal(size=(40, 8))
+    await _setup(kb, rows / np.linalg.norm(rows, axis=1, keepdims=True), "d1")
+    projected = await ViewLoader(kb, worker_timeout_s=60, scores=True, profile_rank=3).load()
+    exact = await ViewLoader(kb, worker_timeout_s=60, scores=True).load()
+    assert projected.stacked is not None and projected.stacked.columns.shape == (3, 40)
+    assert exact.stacked is not None and exact.stacked.basis is None
+
+
 async def test_a_model_without_profile_is_not_routable(aclient: aioredis.Redis, names: Names) -> None:
     kb = KnowledgeBase(aclient, names)
     pipe = kb.client.pipeline(transaction=True)

@@ -29,7 +29,14 @@ from calm_actors.scoring import (
     DEFAULT_MS_PER_TOKEN,
     predict,
 )
-from calm_actors.similarity import CENTROID_WEIGHT, StackedProfiles, column_major, semantic_fit
+from calm_actors.similarity import (
+    CENTROID_WEIGHT,
+    RERANK_ROWS,
+    StackedProfiles,
+    column_major,
+    principal_axes,
+    semantic_fit,
+)
 
 W = PlannerSettings()
 
@@ -300,6 +307,70 @@ def test_stacked_profiles_score_every_model_as_semantic_fit_does() -> None:
     for name, matrix in profiles.items():
         assert fits[name] == pytest.approx(semantic_fit(query, matrix, learned.get(name)), abs=1e-5), name
     assert StackedProfiles({}).fits(query, {}) == {}
+
+
+def _clustered_profiles(rng: np.random.Generator, dim: int, span: int) -> dict[str, np.ndarray]:
+    """Three models' unit rows around their own centres, all within the first ``span`` of ``dim`` axes."""
+    basis = np.linalg.qr(rng.normal(size=(dim, dim)))[0][:, :span]
+    profiles = {}
+    for name in ("a", "b", "c"):
+        centre = rng.normal(size=span)
+        rows = (centre + 0.6 * rng.normal(size=(200, span))) @ basis.T
+        profiles[name] = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    return profiles
+
+
+def test_the_projected_first_pass_gives_the_exact_fits_when_the_rows_span_few_axes() -> None:
+    rng = np.random.default_rng(11)
+    profiles = _clustered_profiles(rng, dim=48, span=10)
+    exact, projected = StackedProfiles(profiles), StackedProfiles(profiles, rank=12)
+    assert exact.basis is None and projected.basis is not None
+    assert projected.columns.shape == (12, 600)  # the scan reads 12 numbers a row instead of 48
+    for _ in range(50):
+        query = np.ascontiguousarray(rng.choice(list(profiles.values()))[rng.integers(200)] + 0.3 * _unit(
+            *rng.normal(size=48)), dtype=np.float32)
+        query /= np.linalg.norm(query)
+        learned = {"b": _unit(*rng.normal(size=48))}
+        want, got = exact.fits(query, learned), projected.fits(query, learned)
+        assert got == pytest.approx(want, abs=1e-5)
+
+
+def test_the_projected_pass_rescores_its_candidates_exactly() -> None:
+    """Rows spread over every axis: a rank-2 pass is a rough guess, but each fit is still made of exact
+    cosines of real rows, so it never exceeds the exact fit (its nearest rows are the true nearest ones)."""
+    rng = np.random.default_rng(12)
+    profiles = {}
+    for name in ("a", "b"):
+        rows = rng.normal(size=(100, 16))
+        profiles[name] = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
+    exact, projected = StackedProfiles(profiles), StackedProfiles(profiles, rank=2)
+    missed = 0
+    for _ in range(30):
+        query = _unit(*rng.normal(size=16))
+        want, got = exact.fits(query, {}), projected.fits(query, {})
+        assert all(got[n] <= want[n] + 1e-6 for n in profiles)
+        missed += any(got[n] < want[n] - 1e-6 for n in profiles)
+    assert missed > 0  # the rough pass did miss nearest rows here: the bound above was put to the test
+
+
+def test_a_rank_that_saves_nothing_leaves_the_scan_exact() -> None:
+    rng = np.random.default_rng(13)
+    profiles = _clustered_profiles(rng, dim=16, span=4)
+    for rank in (0, 16, 40):
+        assert StackedProfiles(profiles, rank).basis is None
+    few = {name: m[:RERANK_ROWS] for name, m in profiles.items()}  # every row is a candidate anyway
+    assert StackedProfiles(few, rank=4).basis is None
+    assert StackedProfiles({}, rank=4).fits(_unit(*rng.normal(size=16)), {}) == {}
+
+
+def test_principal_axes_keep_the_directions_the_rows_use() -> None:
+    rows = np.zeros((6, 5), np.float32)
+    rows[:3, 1] = [1.0, 2.0, -1.0]
+    rows[3:, 3] = [0.5, 0.2, 0.1]
+    axes = principal_axes(rows, 2)
+    assert axes.shape == (5, 2) and axes.dtype == np.float32
+    assert np.abs(axes[:, 0]) == pytest.approx([0, 1, 0, 0, 0], abs=1e-6)
+    assert np.abs(axes[:, 1]) == pytest.approx([0, 0, 0, 1, 0], abs=1e-6)
 
 
 def test_exemplars_near_the_query_outweigh_a_distant_description() -> None:

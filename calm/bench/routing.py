@@ -103,7 +103,7 @@ def build_router(fleet: Fleet, embedder: SentenceEmbedder, variant: Variant, set
     if variant.classifier and len(profiles) >= 2:
         examples = {name: (texts[name], profiles[name]) for name in profiles}
         classifier = train(examples, settings.classifier_ridge, digest="bench")
-    return Router(StackedProfiles(profiles), classifier)
+    return Router(StackedProfiles(profiles, settings.profile_rank), classifier)
 
 
 class DrawError(ValueError):
@@ -187,6 +187,7 @@ def run(fleet_dir: Path, settings: PlannerSettings | None = None, limit: int | N
     routing = {name: summary(evaluate(fleet, embedder, v, settings, prompts)) for name, v in VARIANTS.items()}
     exemplar_counts = {c.name: len(fleet.exemplars(c)) for c in fleet.models if not c.baseline}
     return {"routing": routing, "prompts": source, "embed_tokens": embed_tokens,
+            "profile_rank": settings.profile_rank,
             "fleet": {"root": str(fleet.root), "name": fleet.name, "exemplars": exemplar_counts}}
 
 
