@@ -16,6 +16,7 @@ from calm_actors.cache import exact_hit
 from calm_actors.fleetview import LiveView, ViewLoader
 from calm_actors.replying import answer_dead_query
 from calm_actors.scoring import domain_of, score_all
+from calm_actors.tuning import Tuning
 
 log = logging.getLogger(__name__)
 
@@ -36,11 +37,20 @@ class Analyzer:
                                         profile_rank=rt.settings.planner.profile_rank))
         self.replies = ReplyBook(rt.names, rt.settings.ingress.dedup_window_s,
                                  rt.settings.streams.replies_maxlen)
+        self.tuning = Tuning(rt, ("planner",))
 
     def install(self) -> None:
         self.rt.consumer(self.names.analyze, self.names.GROUP_ANALYZER, handler=self.on_embedded, trim_acked=True,
                          on_dead=answer_dead_query(self.replies))
         self.rt.every(VIEW_REFRESH_S, self.live.tick, "view")
+        self.rt.every(1.0, self.retune, "tuning")
+
+    async def retune(self) -> None:
+        """Pick up ``planner.*`` overrides set with ``calm config set``: the fit's temperatures and the
+        classifier's weight apply to the next query (``planner.profile_rank`` only at start)."""
+        settings = await self.tuning.poll()
+        if settings is not None:
+            self.settings = settings
 
     async def on_embedded(self, entry: Entry) -> Effects:
         message = decode_as(Embedded, entry.fields, entry.id, entry.stream)

@@ -58,7 +58,7 @@ class Monitor:
         self._profile_cache = ProfileDiskCache(Path(rt.settings.paths.cache_dir).expanduser() / "profiles",
                                                self.embedder.identity)
         self.cache = ResponseCache(rt.client, rt.names, rt.settings.cache)
-        self.tuning = Tuning(rt, ("cache",))
+        self.tuning = Tuning(rt, ("cache", "planner"))
 
     def install(self) -> None:
         s = self.settings
@@ -70,9 +70,11 @@ class Monitor:
         self.rt.every(1.0, self.retune, "tuning")
 
     async def retune(self) -> None:
-        """Pick up ``cache.*`` overrides set with ``calm config set`` (the exact cache may be switched off)."""
+        """Pick up ``cache.*`` and ``planner.*`` overrides set with ``calm config set`` (the exact cache may be
+        switched off; a new ``planner.classifier_ridge`` retrains the classifier at the next profile round)."""
         settings = await self.tuning.poll()
         if settings is not None:
+            self.settings = settings
             self.cache.settings = settings.cache
 
     # -- queries -------------------------------------------------------------------

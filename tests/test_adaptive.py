@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -106,6 +107,24 @@ def test_repeated_and_paraphrased_queries_come_from_the_cache(tiny_fleet: Path, 
     assert spaced["cached"] == "1" and spaced["cache"] == "semantic" and spaced["text"] == first["text"]
     assert other["cached"] == "0"
     assert float(again["energy_j"]) == 0.0 and again["worker"] == ""
+
+
+def test_fit_settings_set_at_run_time_reach_the_analyzer(tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    """`calm config set planner.fit_temperature=0 planner.classifier_weight=0`: the analyzer's next fits are the
+    raw cosines (before, they are softmax shares sharpened by the classifier)."""
+    client = redis.Redis.from_url(redis_url)
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", "--set=cache.exact=false",
+                 "--set=cache.semantic=false"):
+        before = ask(client, prefix, "12+7=")
+        client.hset(f"{prefix}config", mapping={"planner.fit_temperature": "0", "planner.classifier_weight": "0"})
+        time.sleep(2.5)  # the analyzer polls the runtime config every second
+        after = ask(client, prefix, "12+7=")
+        decisions = {f[b"id"].decode(): f for _, f in client.xrange(f"{prefix}decisions")}
+    scored_before = json.loads(decisions[before["id"]][b"candidates"])
+    scored_after = json.loads(decisions[after["id"]][b"candidates"])
+    assert len(scored_before) >= 2 and len(scored_after) == len(scored_before)
+    assert any(abs(c["fit"] - c["cosine"]) > 1e-3 for c in scored_before), scored_before
+    assert all(c["fit"] == pytest.approx(c["cosine"], abs=2e-4) for c in scored_after), scored_after
 
 
 def test_a_prompt_cut_for_routing_is_neither_looked_up_in_nor_stored_in_the_semantic_cache(
