@@ -51,7 +51,11 @@ class ProfileCache:
         key = tuple(sorted((n, d) for n, (d, _) in self._matrices.items()))
         if self._stacked is None or self._stacked[0] != key:
             profiles = {n: m for n, (_, m) in sorted(self._matrices.items())}
-            self._stacked = (key, StackedProfiles(profiles, self.rank))
+            stacked = StackedProfiles(profiles, self.rank)
+            self._stacked = (key, stacked)
+            scan = (f"first pass on {self.rank} principal axes keeping {stacked.retained:.1%} of the rows"
+                    if stacked.retained is not None else "one exact pass")
+            log.info("stacked %d profile rows of %d models: %s", stacked.columns.shape[1], len(profiles), scan)
         return self._stacked[1]
 
     async def matrices(self, kb: KnowledgeBase, states: dict[str, ModelState]) -> dict[str, np.ndarray]:

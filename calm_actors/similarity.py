@@ -7,6 +7,7 @@ import numpy as np
 NEIGHBOURS = 3  # profile rows averaged for the nearest-neighbour part of the fit
 CENTROID_WEIGHT = 0.3  # the rest goes to the nearest neighbours
 RERANK_ROWS = 16  # rows per model whose cosines a projected first pass hands on to be computed exactly
+MIN_RETAINED = 0.95  # a projection keeping less of the rows' squared length is not used (one exact pass)
 
 
 def semantic_fit(embedding: np.ndarray, profile: np.ndarray, learned: np.ndarray | None = None) -> float:
@@ -49,18 +50,21 @@ class StackedProfiles:
     the rows' ``rank`` principal axes find each model's ``RERANK_ROWS`` nearest rows, whose cosines are
     then computed exactly. The scan reads ``rank / dim`` of the bytes; a fit differs from the one-pass
     fit only when one of a model's nearest rows falls outside its projected candidates (see the README).
+    Rows the axes describe poorly (less than ``min_retained`` of their squared length kept) get the one
+    exact pass; ``retained`` says what the projection kept (None: not used).
     """
 
-    def __init__(self, profiles: dict[str, np.ndarray], rank: int = 0) -> None:
+    def __init__(self, profiles: dict[str, np.ndarray], rank: int = 0, min_retained: float = MIN_RETAINED) -> None:
         self.names = tuple(profiles)
         self.parts = tuple(np.asarray(m, dtype=np.float32) for m in profiles.values())
         matrix = np.vstack(self.parts) if profiles else np.zeros((0, 0), np.float32)
         self.basis: np.ndarray | None = None
+        self.retained: float | None = None
         if 0 < rank < matrix.shape[1] and matrix.shape[0] > RERANK_ROWS * len(profiles):
-            self.basis = principal_axes(matrix, rank)
-            self.columns = column_major(matrix @ self.basis)
-        else:
-            self.columns = column_major(matrix)
+            basis, retained = principal_axes(matrix, rank)
+            if retained >= min_retained:
+                self.basis, self.retained = basis, retained
+        self.columns = column_major(matrix if self.basis is None else matrix @ self.basis)
         ends = np.cumsum([m.shape[0] for m in profiles.values()], dtype=np.int64).tolist()
         self.bounds = tuple(zip([0, *ends][:-1], ends, strict=True))
         self.sums = np.vstack([m.sum(axis=0) for m in profiles.values()]) if profiles else matrix
@@ -87,11 +91,14 @@ class StackedProfiles:
         return out
 
 
-def principal_axes(rows: np.ndarray, rank: int) -> np.ndarray:
-    """The ``rank`` directions (``dim x rank``, float32) that keep most of the rows' squared length."""
+def principal_axes(rows: np.ndarray, rank: int) -> tuple[np.ndarray, float]:
+    """The ``rank`` directions (``dim x rank``, float32) that keep most of the rows' squared length, and
+    the share of it they keep."""
     rows64 = np.asarray(rows, dtype=np.float64)
-    _, vectors = np.linalg.eigh(rows64.T @ rows64)  # eigenvalues ascending
-    return np.ascontiguousarray(vectors[:, ::-1][:, :rank], dtype=np.float32)
+    values, vectors = np.linalg.eigh(rows64.T @ rows64)  # ascending
+    total = float(values.sum())
+    kept = float(values[::-1][:rank].sum()) / total if total > 0 else 0.0
+    return np.ascontiguousarray(vectors[:, ::-1][:, :rank], dtype=np.float32), kept
 
 
 def column_major(rows: np.ndarray) -> np.ndarray:

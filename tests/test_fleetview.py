@@ -43,7 +43,8 @@ async def test_profiles_are_cached_by_digest(aclient: aioredis.Redis, names: Nam
 async def test_a_scoring_view_stacks_the_profiles_with_the_configured_rank(aclient: aioredis.Redis,
                                                                             names: Names) -> None:
     kb = KnowledgeBase(aclient, names)
-    rows = np.random.default_rng(0).normal(size=(40, 8))
+    rows = np.zeros((40, 8))
+    rows[:, :3] = np.random.default_rng(0).normal(size=(40, 3))  # three axes hold every row
     await _setup(kb, rows / np.linalg.norm(rows, axis=1, keepdims=True), "d1")
     projected = await ViewLoader(kb, worker_timeout_s=60, scores=True, profile_rank=3).load()
     exact = await ViewLoader(kb, worker_timeout_s=60, scores=True).load()

@@ -325,6 +325,7 @@ def test_the_projected_first_pass_gives_the_exact_fits_when_the_rows_span_few_ax
     profiles = _clustered_profiles(rng, dim=48, span=10)
     exact, projected = StackedProfiles(profiles), StackedProfiles(profiles, rank=12)
     assert exact.basis is None and projected.basis is not None
+    assert projected.retained == pytest.approx(1.0)
     assert projected.columns.shape == (12, 600)  # the scan reads 12 numbers a row instead of 48
     for _ in range(50):
         query = np.ascontiguousarray(rng.choice(list(profiles.values()))[rng.integers(200)] + 0.3 * _unit(
@@ -343,7 +344,9 @@ def test_the_projected_pass_rescores_its_candidates_exactly() -> None:
     for name in ("a", "b"):
         rows = rng.normal(size=(100, 16))
         profiles[name] = (rows / np.linalg.norm(rows, axis=1, keepdims=True)).astype(np.float32)
-    exact, projected = StackedProfiles(profiles), StackedProfiles(profiles, rank=2)
+    assert StackedProfiles(profiles, rank=2).basis is None  # 2 of 16 axes keep too little: one exact pass
+    exact, projected = StackedProfiles(profiles), StackedProfiles(profiles, rank=2, min_retained=0.0)
+    assert projected.retained is not None and projected.retained < 0.5
     missed = 0
     for _ in range(30):
         query = _unit(*rng.normal(size=16))
@@ -367,8 +370,9 @@ def test_principal_axes_keep_the_directions_the_rows_use() -> None:
     rows = np.zeros((6, 5), np.float32)
     rows[:3, 1] = [1.0, 2.0, -1.0]
     rows[3:, 3] = [0.5, 0.2, 0.1]
-    axes = principal_axes(rows, 2)
-    assert axes.shape == (5, 2) and axes.dtype == np.float32
+    axes, kept = principal_axes(rows, 2)
+    assert axes.shape == (5, 2) and axes.dtype == np.float32 and kept == pytest.approx(1.0)
+    assert principal_axes(rows, 1)[1] == pytest.approx(6 / 6.3)  # squared lengths: 1 + 4 + 1 and 0.25 + 0.04 + 0.01
     assert np.abs(axes[:, 0]) == pytest.approx([0, 1, 0, 0, 0], abs=1e-6)
     assert np.abs(axes[:, 1]) == pytest.approx([0, 0, 0, 1, 0], abs=1e-6)
 
