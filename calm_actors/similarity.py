@@ -75,20 +75,20 @@ class StackedProfiles:
         if not self.names:
             return {}
         centre = self.sums @ embedding  # one row per model: too small for the layout to matter
+        sims = embedding @ self.columns if self.basis is None else (embedding @ self.basis) @ self.columns
+        return {name: _fit(embedding, self._nearest(i, sims[start:end], embedding), self.sums[i], float(centre[i]),
+                           learned.get(name))
+                for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True))}
+
+    def _nearest(self, i: int, sims: np.ndarray, embedding: np.ndarray) -> np.ndarray:
+        """Model ``i``'s row cosines for the fit: all of them from the exact pass; from a projected pass, the
+        exact cosines of its ``RERANK_ROWS`` best-scoring rows."""
         if self.basis is None:
-            sims = embedding @ self.columns
-            return {name: _fit(embedding, sims[start:end], self.sums[i], float(centre[i]), learned.get(name))
-                    for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True))}
-        approx = (embedding @ self.basis) @ self.columns
-        out = {}
-        for i, (name, (start, end)) in enumerate(zip(self.names, self.bounds, strict=True)):
-            part = approx[start:end]
-            if part.shape[0] > RERANK_ROWS:
-                nearest = self.parts[i][np.argpartition(part, part.shape[0] - RERANK_ROWS)[-RERANK_ROWS:]]
-            else:
-                nearest = self.parts[i]
-            out[name] = _fit(embedding, nearest @ embedding, self.sums[i], float(centre[i]), learned.get(name))
-        return out
+            return sims
+        rows = self.parts[i]
+        if sims.shape[0] > RERANK_ROWS:
+            rows = rows[np.argpartition(sims, sims.shape[0] - RERANK_ROWS)[-RERANK_ROWS:]]
+        return rows @ embedding
 
 
 def principal_axes(rows: np.ndarray, rank: int) -> tuple[np.ndarray, float]:

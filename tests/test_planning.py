@@ -338,7 +338,7 @@ def test_the_projected_first_pass_gives_the_exact_fits_when_the_rows_span_few_ax
 
 def test_the_projected_pass_rescores_its_candidates_exactly() -> None:
     """Rows spread over every axis: a rank-2 pass is a rough guess, but each fit is still made of exact
-    cosines of real rows, so it never exceeds the exact fit (its nearest rows are the true nearest ones)."""
+    cosines of real rows, so it never exceeds the exact fit (its candidates' best rows are at most the true best)."""
     rng = np.random.default_rng(12)
     profiles = {}
     for name in ("a", "b"):
