@@ -29,6 +29,8 @@ HEARTBEAT_S = 1.0
 HEARTBEAT_TTL_S = 5.0
 DRAIN_TIMEOUT_S = 10.0
 READY_LINE = "CALM-READY"
+SUPERVISOR_PID_ENV = "CALM_SUPERVISOR_PID"  # set by a supervisor in its children's environment
+PARENT_CHECK_S = 1.0
 
 
 class ProcessRuntime:
@@ -107,6 +109,20 @@ class ProcessRuntime:
                     await asyncio.wait_for(self.stopping.wait(), timeout=interval_s)
 
         self.spawn(loop(), name)
+
+    def stop_with_parent(self, pid: int) -> None:
+        """Stop (draining, as on SIGTERM) once ``pid`` is no longer this process's parent.
+
+        A supervisor killed outright (SIGKILL, or a signal it does not handle) cannot stop its children;
+        without this they would go on serving, with nobody left to stop them.
+        """
+
+        async def check() -> None:
+            if os.getppid() != pid and not self.stopping.is_set():
+                log.warning("%s: supervisor pid %d is gone; stopping", self.role, pid)
+                self.stopping.set()
+
+        self.every(PARENT_CHECK_S, check, "parent")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         task = asyncio.create_task(coro, name=name)

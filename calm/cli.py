@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -171,6 +172,7 @@ def settings_from(args: argparse.Namespace, extra: dict[str, Any] | None = None)
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    previous = _terminate_as_interrupt()
     try:
         args = parser.parse_args(argv)
         return _handler(args)(args)
@@ -182,6 +184,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     except (BrokerError, OSError, ValueError, TimeoutError, RuntimeError) as e:
         print(f"calm: {e}", file=sys.stderr)
         return EXIT_FAIL
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    signal.raise_signal(signal.SIGINT)
+
+
+def _terminate_as_interrupt() -> Any:
+    """Handle SIGTERM as Ctrl-C, so a command that runs a system (``calm bench``, ``calm demo``) stops it
+    before leaving (Python's default would end at once and leave it running). Commands that serve until
+    SIGTERM install their own handler over this one. Returns the handler it replaced (None: not replaced,
+    off the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _interrupt)
 
 
 # -- commands ------------------------------------------------------------------------

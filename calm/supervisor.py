@@ -5,13 +5,14 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from broker.runtime import READY_LINE
+from broker.runtime import READY_LINE, SUPERVISOR_PID_ENV
 
 log = logging.getLogger(__name__)
 READY_TIMEOUT_S = 120.0
@@ -68,7 +69,8 @@ class Supervisor:
     async def _spawn(self, child: Child) -> None:
         child.ready.clear()
         child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "calm", *child.spec.args, stdout=asyncio.subprocess.PIPE, env=self.env,
+            sys.executable, "-m", "calm", *child.spec.args, stdout=asyncio.subprocess.PIPE,
+            env={**self.env, SUPERVISOR_PID_ENV: str(os.getpid())},  # children stop if we die unannounced
             start_new_session=True,
         )
         child.started_at = time.monotonic()

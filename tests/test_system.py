@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -123,3 +125,44 @@ def test_pins_bad_input_and_a_killed_worker(tiny_fleet: Path, redis_url: str, pr
         after = calm.status()
         assert len([w for w in after["workers"].values() if w["alive"]]) == 2
         assert victim["pid"] not in {w["pid"] for w in after["workers"].values()}
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie (an orphan's zombie waits for whoever reaps it here)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+
+
+def test_children_stop_when_calm_up_is_killed(tiny_fleet: Path, redis_url: str, prefix: str) -> None:
+    """A supervisor killed outright (SIGKILL: no chance to stop anyone) leaves no actor or worker serving."""
+    with calm_up(redis_url, prefix, tiny_fleet, "--workers", "1", *FAST) as calm:
+        status = calm.status()
+        children = {a["pid"] for a in status["actors"].values()} | {w["pid"] for w in status["workers"].values()}
+        assert len(children) == 6 and all(_running(pid) for pid in children)  # five actors and the worker
+        calm.proc.kill()
+        calm.proc.wait(timeout=30)
+        deadline = time.monotonic() + 60  # a guard, not a measurement: they stop within about a second
+        while time.monotonic() < deadline and any(_running(pid) for pid in children):
+            time.sleep(0.1)
+        outlived = [pid for pid in children if _running(pid)]
+        for pid in outlived:  # (they hold calm up's output pipe open: leaving them would hang the test)
+            os.kill(pid, signal.SIGKILL)
+    assert outlived == [], "children outlived their supervisor"
+
+
+def test_sigterm_ends_a_command_as_ctrl_c_does(redis_url: str, prefix: str) -> None:
+    """``calm query`` waiting for a reply that will not come: SIGTERM ends it as Ctrl-C does (its cleanup runs,
+    exit 130), the handling that lets ``calm bench`` stop the system it started."""
+    proc = subprocess.Popen([sys.executable, "-m", "calm", "query", "2+2=", "--timeout", "600"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "CALM_REDIS_URL": redis_url, "CALM_PREFIX": prefix})
+    client = redis.Redis.from_url(redis_url)
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and not client.xlen(f"{prefix}queries"):
+        time.sleep(0.05)  # the query is on the stream: the command is waiting for its reply
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
