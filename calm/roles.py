@@ -50,7 +50,6 @@ async def serve_worker(settings: Settings, url: str, fleet_dir: Path) -> int:
     return 1 if rt.failed else 0
 
 
-
 def _stop_with_supervisor(rt: ProcessRuntime) -> None:
     """Started by a supervisor (``CALM_SUPERVISOR_PID`` names our parent): stop when it is gone."""
     raw = os.environ.get(SUPERVISOR_PID_ENV, "")
