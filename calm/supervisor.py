@@ -44,7 +44,7 @@ class Supervisor:
 
     def __init__(self, specs: Sequence[ChildSpec], env: dict[str, str], max_restarts: int = 50) -> None:
         self.children = {s.name: Child(s) for s in specs}
-        self.env = env
+        self.env = {**env, SUPERVISOR_PID_ENV: str(os.getpid())}  # children stop if we die unannounced
         self.max_restarts = max_restarts
         self.stopping = asyncio.Event()
         self._watchers: list[asyncio.Task[None]] = []
@@ -69,8 +69,7 @@ class Supervisor:
     async def _spawn(self, child: Child) -> None:
         child.ready.clear()
         child.proc = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", "calm", *child.spec.args, stdout=asyncio.subprocess.PIPE,
-            env={**self.env, SUPERVISOR_PID_ENV: str(os.getpid())},  # children stop if we die unannounced
+            sys.executable, "-m", "calm", *child.spec.args, stdout=asyncio.subprocess.PIPE, env=self.env,
             start_new_session=True,
         )
         child.started_at = time.monotonic()
