@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -46,12 +47,16 @@ class ProfileCache:
         self._matrices: dict[str, tuple[str, np.ndarray]] = {}
         self._stacked: tuple[tuple[tuple[str, str], ...], StackedProfiles] | None = None
 
-    def stacked(self) -> StackedProfiles:
-        """All cached profiles in one matrix (rebuilt only when the set of profiles has changed)."""
+    async def stacked(self) -> StackedProfiles:
+        """All cached profiles in one matrix (rebuilt only when the set of profiles has changed).
+
+        A rebuild runs in a thread (its eigen-decomposition takes tens of milliseconds for the demo
+        fleet), so the event loop goes on routing queries on the view it has meanwhile.
+        """
         key = tuple(sorted((n, d) for n, (d, _) in self._matrices.items()))
         if self._stacked is None or self._stacked[0] != key:
             profiles = {n: m for n, (_, m) in sorted(self._matrices.items())}
-            stacked = StackedProfiles(profiles, self.rank)
+            stacked = await asyncio.to_thread(StackedProfiles, profiles, self.rank)
             self._stacked = (key, stacked)
             scan = (f"first pass on {self.rank} principal axes keeping {stacked.retained:.1%} of the rows"
                     if stacked.retained is not None else "one exact pass")
@@ -118,7 +123,7 @@ class ViewLoader:
         view = FleetView(workers=alive, refreshed_ms=now_ms)
         if self.classifiers is not None:
             view.classifier = await self.classifiers.current(self.kb, snap.classifier_digest)
-            view.stacked = self.profiles.stacked()
+            view.stacked = await self.profiles.stacked()
         for name, state in snap.models.items():
             matrix = matrices.get(name)
             if matrix is None:

@@ -3,15 +3,20 @@ only while the view is used."""
 
 from __future__ import annotations
 
+import asyncio
+import threading
 from typing import Any
 
 import numpy as np
+import pytest
 import redis.asyncio as aioredis
 
 from broker.kb import KnowledgeBase, WorkerState
 from broker.names import Names
+from calm_actors import fleetview
 from calm_actors.domain_classifier import DomainClassifier, train
 from calm_actors.fleetview import LiveView, ViewLoader
+from calm_actors.similarity import StackedProfiles
 
 
 async def _setup(kb: KnowledgeBase, profile: np.ndarray, digest: str) -> None:
@@ -50,6 +55,30 @@ async def test_a_scoring_view_stacks_the_profiles_with_the_configured_rank(aclie
     exact = await ViewLoader(kb, worker_timeout_s=60, scores=True).load()
     assert projected.stacked is not None and projected.stacked.columns.shape == (3, 40)
     assert exact.stacked is not None and exact.stacked.basis is None
+
+
+async def test_stacking_new_profiles_leaves_the_event_loop_free(aclient: aioredis.Redis, names: Names,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The stacked matrix (an eigen-decomposition for a projected scan) is built off the event loop: while a
+    rebuild is under way, other coroutines run (on the loop, this test's rebuild would wait forever)."""
+    kb = KnowledgeBase(aclient, names)
+    await _setup(kb, np.eye(2, 4), "d1")
+    started, release = threading.Event(), threading.Event()
+
+    class GatedStack(StackedProfiles):
+        def __init__(self, *args: Any) -> None:
+            started.set()
+            if not release.wait(timeout=10):
+                raise AssertionError("the rebuild was never released: it blocked the event loop")
+            super().__init__(*args)
+
+    monkeypatch.setattr(fleetview, "StackedProfiles", GatedStack)
+    load = asyncio.create_task(ViewLoader(kb, worker_timeout_s=60, scores=True).load())
+    assert await asyncio.to_thread(started.wait, 10)
+    assert not load.done()
+    release.set()  # only the loop, still running this test, can get here while the rebuild waits
+    view = await load
+    assert view.stacked is not None and view.stacked.names == ("m",)
 
 
 async def test_a_model_without_profile_is_not_routable(aclient: aioredis.Redis, names: Names) -> None:
