@@ -139,14 +139,14 @@ def demo() -> FleetRecipe:
 
     Code and prose have 2 layers (a 32-token continuation costs 31 % of the baseline's CPU time on an
     Intel Xeon, 43-45 % with 3) and 1.5x the steps of their earlier 3-layer recipe, so their training
-    costs what it did. 2026-12-06, one
-    Intel machine, 400 fresh held-out prompts, each model's chrF minus the baseline's on the same prompts
-    (95 % interval): code 2 layers at 2,400 steps +0.52 [-0.37, +1.41] and -0.17 [-1.16, +0.82] on two
-    draws (3 layers: +0.69, -0.11), prose 2 layers at 2,700 steps +0.04 [-0.86, +0.95] and +0.22 [-0.72,
-    +1.16] (3 layers at 1,800: +0.19, +0.61; 2 layers at 1,800: -0.15, +0.10). Earlier (2026-11-29) prose
-    at width 128 lost to the baseline (21.5 against 23.7). The baseline's training (5,600 steps) is most
-    of the build, so the builder trains one model at a time on every thread (specialists first): one to
-    two hours on 2 cores.
+    costs what it did. 2026-12-06, one Intel machine, 400 fresh held-out prompts per domain on two draws,
+    each model's chrF minus the baseline's on the same prompts (95 % interval): code 2 layers at 3,600
+    steps +1.08 [+0.28, +1.87] and +0.36 [-0.49, +1.21] (at 2,400: +0.52, -0.17; 3 layers at 2,400:
+    +0.69, -0.11), prose 2 layers at 2,700 steps +0.04 [-0.86, +0.95] and +0.22 [-0.72, +1.16] (at 1,800:
+    -0.15, +0.10; 3 layers at 1,800: +0.19, +0.61). Earlier (2026-11-29) prose at width 128 lost to the
+    baseline (held-out chrF 21.5 against 23.7). The baseline's training (5,600 steps) is most of the
+    build, so the builder trains one model at a time on every thread (specialists first): one to two
+    hours on 2 cores.
 
     Arithmetic trains at half the pair models' learning rate: at 3e-3 its training is unstable (held-out
     exact match 99.3 % at 1,000 steps with seed 0, 39 % with seed 1, 94.3 % at 2,500 steps); at 1.5e-3
