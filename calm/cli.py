@@ -190,7 +190,15 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _interrupt(signum: int, frame: Any) -> None:
-    signal.raise_signal(signal.SIGINT)
+    """Run what Ctrl-C would: the SIGINT handler in place (``asyncio.run``'s cancels its main task and wakes
+    its loop; Python's default raises KeyboardInterrupt). Called here rather than by raising SIGINT, whose
+    handler would wait until the interpreter next checks for signals: a process blocked in the event loop's
+    poll could wait for it indefinitely."""
+    handler = signal.getsignal(signal.SIGINT)
+    if callable(handler):
+        handler(signal.SIGINT, frame)
+    else:
+        raise KeyboardInterrupt
 
 
 def _terminate_as_interrupt() -> Any:

@@ -164,6 +164,9 @@ def test_sigterm_ends_a_command_as_ctrl_c_does(redis_url: str, prefix: str) -> N
         time.sleep(0.05)
     assert client.xlen(f"{prefix}queries") == 1, "the command never sent its query"  # it now waits for a reply
     proc.send_signal(signal.SIGTERM)
-    _, err = proc.communicate(timeout=60)
+    try:
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()  # a command that did not end must not outlive the test
     assert proc.returncode == 130, err
     assert "Traceback" not in err
