@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -36,12 +37,16 @@ def tls_server(tmp_path: Path) -> Iterator[str]:
     )
     url = f"rediss://calm:calm-pass@127.0.0.1:{port}/0?ssl_ca_certs={tmp_path / 'cert.pem'}"
     try:
-        for _ in range(100):
+        for _ in range(200):  # TLS start-up (loading the key) can take a while on a busy machine
             try:
                 if redis.Redis.from_url(url).ping():
                     break
             except redis.exceptions.ConnectionError:
-                proc.wait(timeout=0.05) if proc.poll() is not None else None
+                if proc.poll() is not None:
+                    pytest.fail(f"the TLS redis-server exited at start ({proc.returncode})")
+                time.sleep(0.05)
+        else:
+            pytest.fail("the TLS redis-server did not answer within 10 s")
         yield url
     finally:
         proc.terminate()
