@@ -191,9 +191,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _interrupt(signum: int, frame: Any) -> None:
     """Run what Ctrl-C would: the SIGINT handler in place (``asyncio.run``'s cancels its main task and wakes
-    its loop; Python's default raises KeyboardInterrupt). Called here rather than by raising SIGINT, whose
-    handler would wait until the interpreter next checks for signals: a process blocked in the event loop's
-    poll could wait for it indefinitely."""
+    its loop; Python's default raises KeyboardInterrupt), or raise KeyboardInterrupt when SIGINT is ignored:
+    a command started in the background by a non-interactive shell inherits SIGINT ignored, and raising
+    SIGINT there did nothing."""
     handler = signal.getsignal(signal.SIGINT)
     if callable(handler):
         handler(signal.SIGINT, frame)
